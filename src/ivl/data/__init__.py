@@ -1,0 +1,1 @@
+"""Training data: records, datasets, mixtures, augmentation, packing, and the synthetic visual world."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the benchmark runner, and test-time scaling."""

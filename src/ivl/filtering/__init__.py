@@ -1,0 +1,1 @@
+"""Training-data quality filters: repetition, heuristics, LLM scoring, and the streaming pipeline."""

@@ -1,0 +1,1 @@
+"""Staged training: freeze plans, loss reweighting, the trainer and distributed helpers."""
