@@ -50,3 +50,17 @@ def test_info_cli_unknown_preset() -> None:
     result = CliRunner().invoke(app, ["info", "no-such-model"])
     assert result.exit_code != 0
     assert "unknown preset" in str(result.exception)
+
+
+def test_info_reads_a_checkpoint_directory(tmp_path) -> None:
+    import torch
+
+    from ivl.models.internvl import InternVL, count_parameters
+
+    torch.manual_seed(0)
+    model = InternVL(get_preset("tiny"))
+    model.save_pretrained(tmp_path / "ckpt")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    # closed-form count of the loaded config equals the instantiated model's count
+    assert f"{count_parameters(model)['total']:,}" in result.output

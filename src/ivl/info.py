@@ -14,9 +14,9 @@ from ivl.sizing import GIB, inference_memory, parameter_counts, training_memory
 def resolve_config(preset_or_path: str) -> InternVLConfig:
     """A preset name, or a checkpoint directory in either supported layout."""
     if Path(preset_or_path).is_dir():
-        from ivl.checkpoint.configs import read_config
+        from ivl.checkpoint.io import read_checkpoint_config
 
-        return read_config(preset_or_path)
+        return read_checkpoint_config(preset_or_path)[1]
     return get_preset(preset_or_path)
 
 
