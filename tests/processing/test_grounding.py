@@ -74,3 +74,9 @@ def test_draw_outlines_and_saves_png(tmp_path):
     reloaded = Image.open(path)
     assert reloaded.format == "PNG" and reloaded.size == (200, 100)
     np.testing.assert_array_equal(np.asarray(reloaded.convert("RGB")), pixels)
+
+
+def test_label_is_the_ref_right_before_the_box() -> None:
+    # a lazy match across </ref> would label this region "a</ref> x <ref>b"
+    regions = parse_grounding("<ref>a</ref> x <ref>b</ref><box>[[0, 0, 500, 500]]</box>", (100, 100))
+    assert [r.label for r in regions] == ["b"]

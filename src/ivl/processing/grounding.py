@@ -21,7 +21,7 @@ SCALE = 1000
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _REGION = re.compile(
-    r"(?:<ref>(?P<label>.*?)</ref>\s*)?<(?P<kind>box|quad)>(?P<body>.*?)</(?P=kind)>",
+    r"(?:<ref>(?P<label>(?:(?!<ref>).)*?)</ref>\s*)?<(?P<kind>box|quad)>(?P<body>.*?)</(?P=kind)>",
     re.DOTALL,
 )
 _PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
