@@ -238,3 +238,18 @@ def test_vision_config_select_layer_is_used():
         for p in model.vision_model.encoder.parameters():
             p.add_(1.0)  # encoder layers are unused at select_layer 0
         assert torch.equal(a, model.encode_images(pixels))
+
+
+def test_dummy_tiles_keep_the_vision_tower_in_the_graph():
+    # text-only batch with one dummy tile (flag 0): loss unchanged, yet every vision weight gets a gradient
+    torch.manual_seed(0)
+    model = InternVL(get_preset("tiny"))
+    ids = torch.randint(0, 400, (1, 9))
+    pixels = torch.randn(1, 3, 56, 56)
+    with_dummy = model(ids, pixels, image_flags=torch.zeros(1, dtype=torch.long)).logits
+    plain = model(ids).logits
+    assert torch.equal(with_dummy, plain)
+    with_dummy.sum().backward()
+    for name, param in model.vision_model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.count_nonzero(param.grad) == 0, name

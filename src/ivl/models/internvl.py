@@ -59,11 +59,11 @@ class InternVL(nn.Module):
         if pixel_values is not None and image_features is not None:
             raise ModelInputError("give pixel_values or image_features, not both")
         tiles = pixel_values if pixel_values is not None else image_features
+        keep = None
         if tiles is not None and image_flags is not None:
             keep = image_flags.reshape(-1).to(device=tiles.device).bool()
             if keep.numel() != tiles.shape[0]:
                 raise ModelInputError(f"image_flags has {keep.numel()} entries for {tiles.shape[0]} tiles")
-            tiles = tiles[keep]
         is_image = input_ids == self.config.image_token_id
         num_tokens = int(is_image.sum())
         if tiles is None:
@@ -74,9 +74,15 @@ class InternVL(nn.Module):
                 )
             return embeds
         if pixel_values is not None:
-            features = self.encode_images(tiles) if tiles.shape[0] else embeds.new_zeros(0, embeds.shape[-1])
+            features = self.encode_images(tiles) if tiles.shape[0] else embeds.new_zeros(0, 0, embeds.shape[-1])
         else:
             features = tiles
+        if keep is not None:
+            dropped = features[~keep]
+            features = features[keep]
+            if dropped.numel() and dropped.requires_grad:
+                # dummy tiles of text-only samples keep the vision tower in the graph (DDP/FSDP need every grad)
+                embeds = embeds + 0.0 * dropped.sum().to(embeds.dtype)
         features = features.reshape(-1, embeds.shape[-1])
         if features.shape[0] != num_tokens:
             raise ModelInputError(
