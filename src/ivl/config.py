@@ -175,6 +175,58 @@ class InternVLConfig:
             raise ConfigError(f"unknown InternVLConfig field: {exc}") from exc
 
 
+def _mono_vision() -> VisionConfig:
+    """Mono-InternVL's patch stem: 14 px conv to C = 1024 + CLS/position table; no encoder layers (spec §3, §6)."""
+    return VisionConfig(model_type="intern_vit_patch", hidden_size=1024, num_hidden_layers=0, patch_size=14)
+
+
+def _mono_text() -> TextConfig:
+    """InternLM2-chat-1.8B with a visual FFN expert in every layer (spec mono-internvl §5)."""
+    text = _internlm(2048, 24, 16, 8, 8192)
+    text.visual_experts = True
+    return text
+
+
+@dataclass
+class MonoConfig(InternVLConfig):
+    """Mono-InternVL (encoder-free): an :class:`InternVLConfig` whose defaults are Mono-InternVL-2B.
+
+    The same dataclass fields, so checkpoints, processors and the engine treat both alike; ``validate``
+    additionally insists on the patch stem + visual experts pairing.
+    """
+
+    vision: VisionConfig = field(default_factory=_mono_vision)
+    text: TextConfig = field(default_factory=_mono_text)
+    template: str = "internlm2-chat"
+    image_token_id: int = 92546
+    name: str = "Mono-InternVL-2B"
+
+    def validate(self) -> MonoConfig:
+        if not self.is_mono:
+            raise ConfigError(
+                f"MonoConfig needs vision.model_type 'intern_vit_patch' (encoder-free stem), got {self.vision.model_type!r}"
+            )
+        super().validate()
+        return self
+
+    @classmethod
+    def from_config(cls, config: InternVLConfig) -> MonoConfig:
+        """The same settings as a MonoConfig (e.g. for a config parsed from a checkpoint); validates them."""
+        values = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(InternVLConfig)}
+        return cls(**values).validate()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MonoConfig:
+        """Like :meth:`InternVLConfig.from_dict`, but missing fields take Mono-InternVL-2B's values."""
+        data = dict(data)
+        vision = {**dataclasses.asdict(_mono_vision()), **data.pop("vision", {})}
+        text = {**dataclasses.asdict(_mono_text()), **data.pop("text", {})}
+        try:
+            return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **data).validate()
+        except TypeError as exc:
+            raise ConfigError(f"unknown MonoConfig field: {exc}") from exc
+
+
 # --------------------------------------------------------------------------------------------------------
 # presets
 
@@ -278,6 +330,8 @@ _PRESETS = {
     "internvl2_5-38b": lambda: _preset("InternVL2_5-38B", VIT_6B, _qwen(5120, 64, 40, 8, 27648)),
     "internvl2_5-78b": lambda: _preset("InternVL2_5-78B", VIT_6B, _qwen(8192, 80, 64, 8, 29568)),
     "tiny": lambda: _tiny(mono=False),
+    "mono-internvl-2b": MonoConfig,
+    "mono-tiny": lambda: MonoConfig.from_config(_tiny(mono=True)),
 }
 
 #: Published parameter totals in billions (spec §2), used by tests and `ivl info`.

@@ -237,9 +237,11 @@ def parameters_on_meta() -> Iterator[None]:
 def empty_model(config: InternVLConfig) -> InternVL:
     """The model for ``config`` with meta parameters (no memory, no init cost)."""
     from ivl.models.internvl import InternVL
+    from ivl.models.mono import MonoInternVL
 
+    model_class = MonoInternVL if config.is_mono else InternVL
     with parameters_on_meta():
-        return InternVL(config)
+        return model_class(config)
 
 
 def _expected(model: nn.Module) -> tuple[dict[str, torch.Size], dict[str, str]]:

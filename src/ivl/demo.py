@@ -1,0 +1,439 @@
+"""`ivl demo`: the whole pipeline on a tiny model, on CPU, in one command.
+
+    synthetic world → BPE tokenizer (InternVL special tokens included) → LM warm-up on the world's text
+    → Stage 1 (mlp1) → Stage 1.5 (ViT + mlp1) → Stage 2 (everything), packed with square loss weighting
+    → held-out evaluation per task, and again with blank images (the blind baseline must stay near chance)
+    → a grounding answer drawn on its image, a chat answer through the user-facing ``chat`` API
+    → ``report.json`` and the final checkpoint in the official layout.
+
+Every stage is an ordinary recipe (``recipes/demo/*.yaml``) run by the ordinary trainer, each starting from the
+previous stage's official-layout checkpoint; the demo only fills in paths and, for ``--quick``, step counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ivl.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+STAGES = ("lm_warmup", "stage1", "stage1_5", "stage2")
+#: The freeze plan each demo stage uses for the encoder-free (Mono-InternVL) variant.
+MONO_STAGES = {"lm_warmup": "lm_warmup", "stage1": "mono_s1_1", "stage1_5": "mono_s1_3", "stage2": "mono_sft"}
+SYSTEM_MESSAGE = "You are a tiny InternVL."
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run. ``steps`` override the recipes' ``train.max_steps`` when given."""
+
+    n_train: int = 600
+    n_test: int = 50
+    image_size_range: tuple[int, int] = (56, 112)
+    tasks: tuple[str, ...] | None = None  # None: every task of the synthetic world
+    steps: dict[str, int] = field(default_factory=dict)
+    eval_batch_size: int = 64
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(
+    n_train=120,
+    n_test=24,
+    tasks=("colour", "shape", "text"),
+    steps={"lm_warmup": 40, "stage1": 15, "stage1_5": 40, "stage2": 60},
+)
+
+
+# --------------------------------------------------------------------------------------------------------
+# data
+
+
+def _strip_media(text: str) -> str:
+    """A question without its media: placeholders and the ``Image-k:`` / ``Frame-k:`` labels go."""
+    text = re.sub(r"(?m)^(Image|Frame)-\d+: <(image|video)>\n?", "", text)
+    return text.replace("<image>\n", "").replace("<video>\n", "").replace("<image>", "").replace("<video>", "").strip()
+
+
+_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+
+
+def _box(box: Sequence[int]) -> str:
+    return "[[" + ", ".join(str(int(v)) for v in box) + "]]"
+
+
+def describe(record: dict[str, Any]) -> list[str] | None:
+    """Text standing in for each image (or the video) of a train record, built from its ground truth.
+
+    The LM warm-up reads these inside ``<img>…</img>`` where the image tokens will later be, so the warmed-up
+    LLM already knows how to answer from whatever sits there — the role a pre-trained LLM's knowledge of
+    words plays in the real recipe. The vision stages then only have to make image tokens say the same.
+    """
+    task, objects = record.get("task"), record.get("objects")
+    if task in ("colour", "shape"):
+        return [f"a {objects[0]['colour']} {objects[0]['shape']}"]
+    if task == "count":
+        first = objects[0]
+        noun = _PLURALS[first["shape"]] if len(objects) > 1 else first["shape"]
+        return [f"{len(objects)} {first['colour']} {noun}"]
+    if task == "position":
+        a, b = objects
+        relation = {"left": "left of", "right": "right of"}.get(record["answer"], record["answer"])
+        return [f"the {a['colour']} {a['shape']} is {relation} the {b['colour']} {b['shape']}"]
+    if task == "grounding":
+        return ["; ".join(f"the {o['colour']} {o['shape']} {_box(o['box'])}" for o in objects)]
+    if task == "ocr":
+        return [f"the word {record['answer']}"]
+    if task == "multi_image":
+        return [f"a {group[0]['colour']} {group[0]['shape']}" for group in objects]
+    if task == "video":
+        return [f"a {record['colour']} {record['shape']} moving {record['answer']}"]
+    return None
+
+
+def captioned_question(record: dict[str, Any]) -> str:
+    """The record's question with each ``<image>``/``<video>`` replaced by ``<img>description</img>``."""
+    question = record["conversations"][0]["value"]
+    captions = describe(record)
+    if captions is None:
+        return question
+    for caption in captions:
+        placeholder = "<image>" if "<image>" in question else "<video>"
+        question = question.replace(placeholder, f"<img>{caption}</img>", 1)
+    return question
+
+
+def write_warmup_data(world: Path, out_dir: Path) -> Path:
+    """Text-only records for the LM warm-up: every train question with its media described in words."""
+    from ivl.data.synthetic import read_records
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for record in read_records(world, "train"):
+        turns = [{"from": "human", "value": captioned_question(record)}, *record["conversations"][1:]]
+        lines.append(json.dumps({"id": record["id"], "conversations": turns}, ensure_ascii=False))
+    annotation = out_dir / "warmup.jsonl"
+    annotation.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = out_dir / "warmup_meta.json"
+    entry = {"world_text": {"annotation": str(annotation.resolve()), "length": len(lines)}}
+    meta.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def stage_recipe(
+    stage: str,
+    *,
+    out: Path,
+    previous: Path | None,
+    tokenizer: Path,
+    meta: Path,
+    mono: bool,
+    steps: int | None,
+    seed: int,
+    threads: int | None,
+    progress: bool,
+) -> Any:
+    """The demo recipe of ``stage`` with this run's paths filled in."""
+    from ivl.training.recipe import deep_merge, read_recipe_file, recipe_from_dict
+
+    path = RECIPE_DIR / f"{stage}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"demo recipe {path} not found (run `ivl demo` from a source checkout of ivl)")
+    data = read_recipe_file(path)
+    update: dict[str, Any] = {
+        "data": {"meta": str(meta), "seed": seed + STAGES.index(stage)},  # each stage sees its own order
+        "train": {"output_dir": str(out / stage), "seed": seed, "progress": progress, "resume": None},
+    }
+    if threads:
+        update["train"]["threads"] = threads
+    if steps is not None:
+        update["train"]["max_steps"] = steps
+    if previous is None:
+        model = {"tokenizer": str(tokenizer), "seed": seed, "config": {"system_message": SYSTEM_MESSAGE}}
+        if mono:
+            model["config"].update(
+                vision={"model_type": "intern_vit_patch"},
+                text={"flavour": "internlm2", "visual_experts": True, "attention_bias": False},
+                template="internlm2-chat",
+            )
+        update["model"] = model
+    else:
+        update["model"] = {"checkpoint": str(previous)}
+    if mono:
+        update["stage"] = {"name": MONO_STAGES[stage]}
+        if stage == "stage1":
+            update["model"]["visual_experts_from_text"] = True
+    return recipe_from_dict(deep_merge(data, update), str(path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+class BlindPredictor:
+    """The same questions with every image (and video frame) replaced by a blank grey one of the same size."""
+
+    def __init__(self, inner: Any, num_frames: int) -> None:
+        self.inner = inner
+        self.num_frames = num_frames
+
+    def __call__(self, queries: Sequence[Any]) -> list[str]:
+        from PIL import Image
+
+        from ivl.evaluation.tasks import open_image
+
+        blind = []
+        for q in queries:
+            sizes = [ref.size if hasattr(ref, "size") else open_image(ref).size for ref in q.images]
+            images = [Image.new("RGB", size, (128, 128, 128)) for size in sizes]
+            video = None
+            if q.video:
+                from ivl.processing.video import read_video
+
+                first = read_video(q.video, num_segments=1).frames[0]
+                video = [Image.new("RGB", first.size, (128, 128, 128))] * self.num_frames
+            blind.append(dataclasses.replace(q, images=images, video=video))
+        return self.inner(blind)
+
+
+def evaluate_world(model: Any, processor: Any, world: Path, out_dir: Path, *, blind: bool, batch_size: int) -> dict:
+    """Per-task accuracy on the world's test split (``blind``: with blank media)."""
+    from ivl.evaluation.runner import EnginePredictor, EvalOptions, evaluate
+    from ivl.inference.engine import Engine
+
+    predictor: Any = EnginePredictor(Engine(model, processor, max_batch_size=batch_size), processor)
+    if blind:
+        predictor = BlindPredictor(predictor, processor.num_segments)
+    options = EvalOptions(
+        benchmark=str(world),
+        out_dir=str(out_dir),
+        split="test",
+        model="demo-blind" if blind else "demo",
+        batch_size=batch_size,
+        overwrite=True,
+        progress=False,
+    )
+    results = evaluate(predictor, options)
+    assert results is not None
+    return {task: {"accuracy": float(s["accuracy"]), "n": int(s["n"])} for task, s in results["scores"].items()}
+
+
+def _first(world: Path, task: str) -> dict | None:
+    from ivl.data.synthetic import read_records
+    from ivl.errors import DataError
+
+    try:
+        records = read_records(world, "test", task)
+    except DataError:  # the task is not part of this (quick) world
+        return None
+    return records[0] if records else None
+
+
+def grounding_picture(model: Any, processor: Any, world: Path, out_png: Path) -> dict | None:
+    """Ask one held-out grounding question through ``chat`` and draw the answer (red) and the truth (green)."""
+    from PIL import Image
+
+    from ivl.inference.chat import chat
+    from ivl.processing.grounding import Region, draw_grounding, parse_grounding
+
+    record = _first(world, "grounding")
+    if record is None:
+        return None
+    image_path = world / "test" / "grounding" / record["image"]
+    image = Image.open(image_path).convert("RGB")
+    question = _strip_media(record["conversations"][0]["value"])
+    answer = chat(model, processor, question, images=str(image_path), generation={"max_new_tokens": 48})
+    scale = max(1, 320 // max(image.size))
+    big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    predicted = [Region(f"model: {r.label or ''}".strip(), r.shapes) for r in parse_grounding(answer, big.size)]
+    truth = parse_grounding(record["answer"], big.size)
+    truth = [Region("truth", r.shapes) for r in truth]
+    draw_grounding(big, [*predicted, *truth], path=out_png)
+    return {"question": question, "answer": answer, "truth": record["answer"], "png": str(out_png)}
+
+
+def chat_example(model: Any, processor: Any, world: Path) -> dict | None:
+    """One question about a held-out image, answered through the same ``chat`` API users call."""
+    from ivl.inference.chat import chat
+
+    for task in ("colour", "shape", "count", "position"):
+        record = _first(world, task)
+        if record is not None:
+            image = world / "test" / task / record["image"]
+            question = _strip_media(record["conversations"][0]["value"])
+            answer = chat(model, processor, question, images=str(image), generation={"max_new_tokens": 16})
+            return {
+                "task": task,
+                "image": str(image),
+                "question": question,
+                "answer": answer,
+                "truth": record["answer"],
+            }
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# the run
+
+
+def auto_threads() -> int:
+    """All cores, unless other processes already keep them busy: then 1 thread, since OpenMP's barriers stall
+    whenever one of its threads is descheduled (measured here: 8x slower steps with 2 threads at load 10)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return cores if load < 0.5 * cores else 1
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    *,
+    model: str = "internvl",
+    quick: bool = False,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+    settings: DemoSettings | None = None,
+) -> dict[str, Any]:
+    """Run the demo into ``out`` and return the report (also written to ``out/report.json``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ivl.data.synthetic import VISION_TASKS, corpus_texts, generate_world
+    from ivl.inference.chat import load_for_inference
+    from ivl.processing.tokenizer import build_tokenizer
+    from ivl.training.recipe import read_recipe_file
+    from ivl.training.trainer import train
+
+    if model not in ("internvl", "mono"):
+        raise ConfigError(f"--model must be internvl or mono, got {model!r}")
+    mono = model == "mono"
+    plan = settings or (QUICK if quick else FULL)
+    console = Console()
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = threads or auto_threads()
+    torch.set_num_threads(threads)
+    console.print(f"torch CPU threads: {threads}")
+    timings: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        return now
+
+    # ---- 1. data and tokenizer
+    t = time.perf_counter()
+    world = out / "world"
+    summary = generate_world(
+        world, seed=seed, n_train=plan.n_train, n_val=0, n_test=plan.n_test,
+        image_size_range=plan.image_size_range, tasks=plan.tasks, absolute_paths=True, overwrite=True,
+    )  # fmt: skip
+    warmup_meta = write_warmup_data(world, out / "data")
+    vocab = int(read_recipe_file(RECIPE_DIR / "lm_warmup.yaml")["model"]["config"]["text"]["vocab_size"])
+    tokenizer_dir = out / "tokenizer"
+    build_tokenizer(
+        corpus_texts(world), vocab_size=vocab, flavour="internlm2" if mono else "qwen2", save_dir=tokenizer_dir
+    )
+    console.print(
+        f"[bold]world[/bold] {summary.n_records} records in {world}; tokenizer ({vocab} tokens) in {tokenizer_dir}"
+    )
+    t = mark("data", t)
+
+    # ---- 2. LM warm-up, Stage 1, Stage 1.5, Stage 2
+    meta = {"lm_warmup": warmup_meta}
+    losses: dict[str, dict[str, float]] = {}
+    previous: Path | None = None
+    for stage in STAGES:
+        recipe = stage_recipe(
+            stage, out=out, previous=previous, tokenizer=tokenizer_dir,
+            meta=meta.get(stage, summary.meta_files["train"]), mono=mono, steps=plan.steps.get(stage),
+            seed=seed, threads=threads, progress=progress,
+        )  # fmt: skip
+        console.rule(f"{stage}: {recipe.stage.name}, {recipe.train.max_steps} steps")
+        result = train(recipe, log=console.print)
+        if result.final_dir is None:
+            raise ConfigError(f"demo stage {stage} wrote no final model")
+        k = max(1, len(result.losses) // 10)
+        losses[stage] = {
+            "first": sum(result.losses[:k]) / k,
+            "last": sum(result.losses[-k:]) / k,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+        }
+        previous = result.final_dir
+        t = mark(stage, t)
+    assert previous is not None
+
+    # ---- 3. evaluation (with images and blind), grounding picture, chat
+    trained, processor = load_for_inference(previous, dtype=torch.float32)
+    scores = evaluate_world(trained, processor, world, out / "eval", blind=False, batch_size=plan.eval_batch_size)
+    blind = evaluate_world(trained, processor, world, out / "eval_blind", blind=True, batch_size=plan.eval_batch_size)
+    t = mark("evaluation", t)
+    grounding = grounding_picture(trained, processor, world, out / "grounding.png")
+    example = chat_example(trained, processor, world)
+    mark("chat", t)
+
+    tasks = {}
+    for task in [t for t in VISION_TASKS if t in scores]:
+        tasks[task] = {
+            "accuracy": scores[task]["accuracy"],
+            "blind": blind[task]["accuracy"],
+            "chance": float(summary.chance.get(task, 0.0)),
+            "n": scores[task]["n"],
+        }
+    minutes = (time.perf_counter() - started) / 60
+    report = {
+        "tasks": tasks,
+        "mean_accuracy": sum(v["accuracy"] for v in tasks.values()) / max(1, len(tasks)),
+        "minutes": round(minutes, 2),
+        "blind_mean": sum(v["blind"] for v in tasks.values()) / max(1, len(tasks)),
+        "chance_mean": sum(v["chance"] for v in tasks.values()) / max(1, len(tasks)),
+        "model": model,
+        "quick": quick,
+        "losses": losses,
+        "timings_s": timings,
+        "final_checkpoint": str(previous),
+        "threads": torch.get_num_threads(),
+    }
+    if grounding:
+        report["grounding_example"] = grounding
+    if example:
+        report["chat_example"] = example
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    table = Table(title=f"held-out accuracy ({model}, {'quick' if quick else 'full'} demo)")
+    for col in ("task", "n", "accuracy", "blind", "chance"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for task, row in tasks.items():
+        table.add_row(task, str(row["n"]), f"{row['accuracy']:.3f}", f"{row['blind']:.3f}", f"{row['chance']:.3f}")
+    table.add_row(
+        "mean", "", f"{report['mean_accuracy']:.3f}", f"{report['blind_mean']:.3f}", f"{report['chance_mean']:.3f}"
+    )
+    console.print(table)
+    if example:
+        console.print(
+            f"[bold]chat[/bold] Q: {example['question']!r}\n     A: {example['answer']!r}   (truth: {example['truth']!r})"
+        )
+    if grounding:
+        console.print(
+            f"[bold]grounding[/bold] {grounding['answer']!r} (truth {grounding['truth']!r}) drawn to {grounding['png']}"
+        )
+    console.print(f"final checkpoint (official layout): {previous}\nreport: {out / 'report.json'}  ({minutes:.1f} min)")
+    return report
