@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--server-rounds", type=int, default=2, help="rounds of 8 concurrent requests per server")
+    parser.add_argument("--server-tokens", type=int, default=64, help="max_tokens of each server request")
     parser.add_argument("--no-server", action="store_true")
     args = parser.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
@@ -219,9 +220,9 @@ def main() -> None:
             )
     if not args.no_server:
         del hf
-        rps = server_throughput(ours, processor, args.server_rounds, args.new_tokens)
+        rps = server_throughput(ours, processor, args.server_rounds, args.server_tokens)
         print(
-            f"server, 8 concurrent clients, {args.server_rounds} rounds, {args.new_tokens} tokens per answer: "
+            f"server, 8 concurrent clients, {args.server_rounds} rounds, {args.server_tokens} tokens per answer: "
             f"dynamic batching {rps['batched']:.3f} req/s, one at a time {rps['serial']:.3f} req/s, "
             f"speed-up {rps['batched'] / rps['serial']:.2f}x"
         )

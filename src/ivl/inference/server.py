@@ -369,8 +369,12 @@ def create_app(
     allow_remote: bool = False,
     limits: ServerLimits | None = None,
     batch_window_s: float = 0.005,
+    chat_page: bool = True,
 ) -> FastAPI:
-    """Build the FastAPI app; its lifespan starts and stops the batching scheduler thread."""
+    """Build the FastAPI app; its lifespan starts and stops the batching scheduler thread.
+
+    With ``chat_page`` the browser chat page is served at ``/`` (it talks to the same OpenAI API).
+    """
     limits = limits or ServerLimits()
     scheduler = Scheduler(engine, batch_window_s=batch_window_s, max_queue=limits.max_queue)
     builder = RequestBuilder(
@@ -494,6 +498,10 @@ def create_app(
         )
         return JSONResponse(completion.model_dump())
 
+    if chat_page:
+        from ivl.inference.webui import mount_chat_page
+
+        mount_chat_page(app, model_name=model_name, limits=limits, api_key_required=api_key is not None)
     return app
 
 
