@@ -1,7 +1,7 @@
 """Test-time scaling on a benchmark: direct answering vs chain of thought vs majority vote over K samples.
 
 Usage: .venv/bin/python bench/eval_tts.py --model DIR --task WORLD_OR_FILE [--vote 5] [--temperature 0.7]
-       [--limit N] [--out eval_out/tts] [--device auto]
+       [--limit N] [--max-tiles N] [--out eval_out/tts] [--device auto]
 
 Runs the same model over the same items four ways (direct greedy; CoT greedy; direct + vote@K; CoT +
 vote@K; all resumable under ``--out``) and prints one Markdown table: per task the primary score of each
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-tiles", type=int, default=None, help="override the tasks' tiles (the demo model: 1)")
     parser.add_argument("--out", default="eval_out/tts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -55,6 +56,7 @@ def main() -> None:
             batch_size=args.batch,
             temperature=args.temperature,
             limit=args.limit,
+            max_tiles=args.max_tiles,
             **mode,
         )
         results = evaluate(predictor, options)

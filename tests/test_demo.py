@@ -45,8 +45,9 @@ def test_quick_demo_trains_and_writes_the_report(quick_demo):
 
     for stage, loss in report["losses"].items():
         if stage == "stage1_5":
-            # ViT tuning at a low LR from an already-aligned model: a short window is noise; it must not diverge
-            assert loss["last"] < 1.25 * loss["first"], (stage, loss)
+            # ViT tuning at a low LR from an already-aligned model: 20 steps are noise; it must not diverge,
+            # i.e. stay well below where the alignment stage started
+            assert loss["last"] < report["losses"]["stage1"]["first"], (stage, loss)
         else:
             assert loss["last"] < loss["first"], (stage, loss)
     final = out / "stage2" / "final"
@@ -56,9 +57,30 @@ def test_quick_demo_trains_and_writes_the_report(quick_demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="quick demo tuning unfinished (issue 6): colour measured 0.29 vs chance 0.17")
 def test_quick_demo_learns_the_easiest_task(quick_demo):
     _, report = quick_demo
     colour = report["tasks"]["colour"]
     assert colour["accuracy"] >= colour["chance"] + 0.4, colour  # chance is 1/6
     assert colour["blind"] <= colour["chance"] + 0.25, colour
+
+
+@pytest.mark.slow
+def test_quick_demo_freeze_plans_held(quick_demo):
+    _, report = quick_demo
+    assert set(report["frozen_weights"]) == {"stage1", "stage1_5"}
+    for stage, check in report["frozen_weights"].items():
+        assert check["frozen_tensors"] > 0 and check["changed"] == [], (stage, check)
+
+
+@pytest.mark.slow
+def test_quick_mono_demo_learns_and_keeps_its_language_weights(tmp_path):
+    """`ivl demo --model mono`: EViP S1.1 leaves every language weight and text-only logit bit-identical."""
+    from ivl.demo import run_demo
+
+    report = run_demo(tmp_path / "mono", model="mono", quick=True, progress=False)
+    s1_1 = report["frozen_weights"]["stage1"]
+    assert s1_1["changed"] == [] and s1_1["text_logits_identical"] is True, s1_1
+    assert report["frozen_weights"]["stage1_5"]["changed"] == []
+    colour = report["tasks"]["colour"]
+    assert colour["accuracy"] >= colour["chance"] + 0.4, colour
+    assert detect_layout(tmp_path / "mono" / "stage2" / "final") == "official"

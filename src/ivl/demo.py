@@ -35,22 +35,37 @@ SYSTEM_MESSAGE = "You are a tiny InternVL."
 
 @dataclass
 class DemoSettings:
-    """Sizes of one demo run. ``steps`` override the recipes' ``train.max_steps`` when given."""
+    """Sizes of one demo run. ``steps`` override the recipes' ``train.max_steps`` when given.
 
-    n_train: int = 600
+    ``tiles``: tiles per image in training and evaluation (the world's images are at most 112 px, so one 56 px
+    tile keeps every image in 4 tokens: the fewer image tokens, the sooner the tiny LLM learns to read them).
+    ``mixture``: per stage, a ``repeat_time`` per task (0 leaves the task out). Grounding answers are ~20
+    supervised tokens of hard-to-guess coordinates, so under square weighting they would dominate the
+    gradient of the alignment stages; they join in Stage 2, down-weighted.
+    """
+
+    n_train: int = 1000
     n_test: int = 50
     image_size_range: tuple[int, int] = (56, 112)
     tasks: tuple[str, ...] | None = None  # None: every task of the synthetic world
+    tiles: int = 1
     steps: dict[str, int] = field(default_factory=dict)
+    mixture: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {
+            "stage1": {"grounding": 0.0},
+            "stage1_5": {"grounding": 0.0},
+            "stage2": {"grounding": 0.25},
+        }
+    )
     eval_batch_size: int = 64
 
 
 FULL = DemoSettings()
 QUICK = DemoSettings(
-    n_train=120,
-    n_test=24,
-    tasks=("colour", "shape", "text"),
-    steps={"lm_warmup": 40, "stage1": 15, "stage1_5": 40, "stage2": 60},
+    n_train=200,
+    n_test=30,
+    tasks=("colour", "text"),
+    steps={"lm_warmup": 200, "stage1": 150, "stage1_5": 20, "stage2": 150},
 )
 
 
@@ -129,6 +144,19 @@ def write_warmup_data(world: Path, out_dir: Path) -> Path:
     return meta
 
 
+def write_stage_meta(world: Path, out_dir: Path, stage: str, tiles: int, mixture: dict[str, float]) -> Path:
+    """The world's train meta with the demo's tiles per image and this stage's repeat factors."""
+    meta = json.loads((world / "train_meta.json").read_text(encoding="utf-8"))
+    entries = {}
+    for name, entry in meta.items():
+        repeat = float(mixture.get(name.removeprefix("synth_"), entry.get("repeat_time", 1)))
+        if repeat > 0:
+            entries[name] = {**entry, "max_dynamic_patch": tiles, "repeat_time": repeat}
+    path = out_dir / f"{stage}_meta.json"
+    path.write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 # --------------------------------------------------------------------------------------------------------
 # recipes
 
@@ -179,6 +207,38 @@ def stage_recipe(
     return recipe_from_dict(deep_merge(data, update), str(path))
 
 
+def check_frozen_weights(
+    before: Path, after: Path, recipe: Any, tokenizer_dir: Path, world: Path, console: Any
+) -> dict[str, Any]:
+    """Every weight the stage froze is bit-identical after it (and, when the whole language path was frozen,
+    so are text-only logits): the no-forgetting guarantee of Mono-InternVL's S1.1, checked on disk."""
+    from ivl.data.synthetic import read_records
+    from ivl.processing.tokenizer import load_tokenizer
+    from ivl.training.frozen_check import frozen_weights_report
+    from ivl.training.stages import plan_for
+    from ivl.training.trainer import internvl_token_ids
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    record = next(iter(read_records(world, "train")))
+    text_ids = tokenizer(captioned_question(record), add_special_tokens=False)["input_ids"]
+    reinitialised = internvl_token_ids(tokenizer) if recipe.model.init_new_tokens else []
+    report = frozen_weights_report(
+        before,
+        after,
+        plan_for(recipe.stage.name, **recipe.stage.plan_overrides()),
+        reinitialised_output_rows=reinitialised,
+        text_ids=text_ids,
+    )
+    ok = not report["changed"] and report["text_logits_identical"] is not False
+    logits = {None: "", True: "; text-only logits bit-identical", False: "; text-only logits CHANGED"}
+    colour = "green" if ok else "red"
+    console.print(
+        f"[{colour}]{recipe.stage.name}: {report['frozen_tensors']} frozen tensors, "
+        f"{len(report['changed'])} changed{logits[report['text_logits_identical']]}[/{colour}]"
+    )
+    return report
+
+
 # --------------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -209,7 +269,9 @@ class BlindPredictor:
         return self.inner(blind)
 
 
-def evaluate_world(model: Any, processor: Any, world: Path, out_dir: Path, *, blind: bool, batch_size: int) -> dict:
+def evaluate_world(
+    model: Any, processor: Any, world: Path, out_dir: Path, *, blind: bool, batch_size: int, tiles: int | None = None
+) -> dict:
     """Per-task accuracy on the world's test split (``blind``: with blank media)."""
     from ivl.evaluation.runner import EnginePredictor, EvalOptions, evaluate
     from ivl.inference.engine import Engine
@@ -225,6 +287,7 @@ def evaluate_world(model: Any, processor: Any, world: Path, out_dir: Path, *, bl
         batch_size=batch_size,
         overwrite=True,
         progress=False,
+        max_tiles=tiles,
     )
     results = evaluate(predictor, options)
     assert results is not None
@@ -242,7 +305,7 @@ def _first(world: Path, task: str) -> dict | None:
     return records[0] if records else None
 
 
-def grounding_picture(model: Any, processor: Any, world: Path, out_png: Path) -> dict | None:
+def grounding_picture(model: Any, processor: Any, world: Path, out_png: Path, tiles: int) -> dict | None:
     """Ask one held-out grounding question through ``chat`` and draw the answer (red) and the truth (green)."""
     from PIL import Image
 
@@ -255,7 +318,7 @@ def grounding_picture(model: Any, processor: Any, world: Path, out_png: Path) ->
     image_path = world / "test" / "grounding" / record["image"]
     image = Image.open(image_path).convert("RGB")
     question = _strip_media(record["conversations"][0]["value"])
-    answer = chat(model, processor, question, images=str(image_path), generation={"max_new_tokens": 48})
+    answer = chat(model, processor, question, images=str(image_path), generation={"max_new_tokens": 48}, max_num=tiles)
     scale = max(1, 320 // max(image.size))
     big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     predicted = [Region(f"model: {r.label or ''}".strip(), r.shapes) for r in parse_grounding(answer, big.size)]
@@ -265,7 +328,7 @@ def grounding_picture(model: Any, processor: Any, world: Path, out_png: Path) ->
     return {"question": question, "answer": answer, "truth": record["answer"], "png": str(out_png)}
 
 
-def chat_example(model: Any, processor: Any, world: Path) -> dict | None:
+def chat_example(model: Any, processor: Any, world: Path, tiles: int) -> dict | None:
     """One question about a held-out image, answered through the same ``chat`` API users call."""
     from ivl.inference.chat import chat
 
@@ -274,7 +337,9 @@ def chat_example(model: Any, processor: Any, world: Path) -> dict | None:
         if record is not None:
             image = world / "test" / task / record["image"]
             question = _strip_media(record["conversations"][0]["value"])
-            answer = chat(model, processor, question, images=str(image), generation={"max_new_tokens": 16})
+            answer = chat(
+                model, processor, question, images=str(image), generation={"max_new_tokens": 16}, max_num=tiles
+            )
             return {
                 "task": task,
                 "image": str(image),
@@ -358,12 +423,15 @@ def run_demo(
 
     # ---- 2. LM warm-up, Stage 1, Stage 1.5, Stage 2
     meta = {"lm_warmup": warmup_meta}
+    for stage in STAGES[1:]:
+        meta[stage] = write_stage_meta(world, out / "data", stage, plan.tiles, plan.mixture.get(stage, {}))
     losses: dict[str, dict[str, float]] = {}
+    frozen: dict[str, dict[str, Any]] = {}
     previous: Path | None = None
     for stage in STAGES:
         recipe = stage_recipe(
             stage, out=out, previous=previous, tokenizer=tokenizer_dir,
-            meta=meta.get(stage, summary.meta_files["train"]), mono=mono, steps=plan.steps.get(stage),
+            meta=meta[stage], mono=mono, steps=plan.steps.get(stage),
             seed=seed, threads=threads, progress=progress,
         )  # fmt: skip
         console.rule(f"{stage}: {recipe.stage.name}, {recipe.train.max_steps} steps")
@@ -377,17 +445,20 @@ def run_demo(
             "steps": result.steps,
             "seconds": round(result.seconds, 1),
         }
+        if previous is not None and stage != "stage2":
+            frozen[stage] = check_frozen_weights(previous, result.final_dir, recipe, tokenizer_dir, world, console)
         previous = result.final_dir
         t = mark(stage, t)
     assert previous is not None
 
     # ---- 3. evaluation (with images and blind), grounding picture, chat
     trained, processor = load_for_inference(previous, dtype=torch.float32)
-    scores = evaluate_world(trained, processor, world, out / "eval", blind=False, batch_size=plan.eval_batch_size)
-    blind = evaluate_world(trained, processor, world, out / "eval_blind", blind=True, batch_size=plan.eval_batch_size)
+    evaluation = {"batch_size": plan.eval_batch_size, "tiles": plan.tiles}
+    scores = evaluate_world(trained, processor, world, out / "eval", blind=False, **evaluation)
+    blind = evaluate_world(trained, processor, world, out / "eval_blind", blind=True, **evaluation)
     t = mark("evaluation", t)
-    grounding = grounding_picture(trained, processor, world, out / "grounding.png")
-    example = chat_example(trained, processor, world)
+    grounding = grounding_picture(trained, processor, world, out / "grounding.png", plan.tiles)
+    example = chat_example(trained, processor, world, plan.tiles)
     mark("chat", t)
 
     tasks = {}
@@ -409,6 +480,7 @@ def run_demo(
         "quick": quick,
         "losses": losses,
         "timings_s": timings,
+        "frozen_weights": frozen,
         "final_checkpoint": str(previous),
         "threads": torch.get_num_threads(),
     }

@@ -132,3 +132,16 @@ def test_official_generation_dict_and_errors(tiny_model_f64, processor) -> None:
 
 def test_engine_is_reused(tiny_model_f64, processor) -> None:
     assert chat_module.engine_for(tiny_model_f64, processor) is chat_module.engine_for(tiny_model_f64, processor)
+
+
+def test_model_methods_match_the_functions(tiny_model_f64, processor) -> None:
+    """``model.chat`` / ``model.stream_chat`` / ``model.batch_chat``: the model-card spelling, same answers."""
+    gen = GenerationConfig(max_new_tokens=5, stop_token_ids=[])
+    image = _image(7)
+    expected, history = chat(tiny_model_f64, processor, "What?", images=image, generation=gen, return_history=True)
+    answer, history2 = tiny_model_f64.chat(processor, "What?", image, generation=gen, return_history=True)
+    assert (answer, history2) == (expected, history)
+    assert "".join(tiny_model_f64.stream_chat(processor, "What?", image, generation=gen)).strip() == expected
+    assert tiny_model_f64.batch_chat(processor, ["What?", "hi"], [image, None], generation=gen) == batch_chat(
+        tiny_model_f64, processor, ["What?", "hi"], images=[image, None], generation=gen
+    )

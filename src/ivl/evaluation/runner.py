@@ -262,9 +262,9 @@ def load_engine_predictor(
     if (Path(model_dir) / PROCESSOR_CONFIG).is_file():
         processor = Processor.from_pretrained(model_dir)
     else:  # a bare checkpoint: tokenizer files + the model's own config
-        from transformers import AutoTokenizer
+        from ivl.processing.tokenizer import load_tokenizer
 
-        processor = Processor.from_config(AutoTokenizer.from_pretrained(str(model_dir)), model.config)
+        processor = Processor.from_config(load_tokenizer(model_dir), model.config)
     return EnginePredictor(Engine(model, processor, max_batch_size=max_batch_size), processor)
 
 

@@ -206,10 +206,9 @@ def load_for_inference(
     model_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
 ) -> tuple[Any, Any]:
     """Model + processor from a checkpoint directory (weights, config.json and tokenizer files), offline."""
-    from transformers import AutoTokenizer
-
     from ivl.models.internvl import InternVL
     from ivl.processing.processor import CONFIG_NAME, Processor
+    from ivl.processing.tokenizer import load_tokenizer
 
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -218,7 +217,7 @@ def load_for_inference(
     if (path / CONFIG_NAME).exists():
         processor = Processor.from_pretrained(path)
     else:
-        processor = Processor.from_config(AutoTokenizer.from_pretrained(str(path)), model.config)
+        processor = Processor.from_config(load_tokenizer(path), model.config)
     return model, processor
 
 

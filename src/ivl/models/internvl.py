@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,6 +137,27 @@ class InternVL(nn.Module):
         if encoder is not None:
             encoder.gradient_checkpointing = enabled
         self.language_model.model.gradient_checkpointing = enabled
+
+    # ---------------------------------------------------------------------------------------------- chat
+
+    def chat(self, processor: Any, question: str, images: Any = None, video: Any = None, **kwargs: Any) -> Any:
+        """``model.chat`` as on the official model card, without ``trust_remote_code``: see
+        :func:`ivl.inference.chat.chat` for the arguments (history, generation, return_history, max_num, ...)."""
+        from ivl.inference.chat import chat
+
+        return chat(self, processor, question, images, video, **kwargs)
+
+    def stream_chat(self, processor: Any, question: str, images: Any = None, video: Any = None, **kwargs: Any) -> Any:
+        """Text deltas of :meth:`chat`'s answer as they are generated (:func:`ivl.inference.chat.stream_chat`)."""
+        from ivl.inference.chat import stream_chat
+
+        return stream_chat(self, processor, question, images, video, **kwargs)
+
+    def batch_chat(self, processor: Any, questions: Any, images: Any = None, **kwargs: Any) -> list[str]:
+        """Many independent questions decoded as one batch (:func:`ivl.inference.chat.batch_chat`)."""
+        from ivl.inference.chat import batch_chat
+
+        return batch_chat(self, processor, questions, images, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- IO
 

@@ -257,9 +257,9 @@ class Processor:
         if not path.is_dir():
             raise ConfigError(f"processor directory {path} does not exist")
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from ivl.processing.tokenizer import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = load_tokenizer(path)
         settings: dict[str, Any] = {}
         config_file = path / CONFIG_NAME
         if config_file.exists():

@@ -110,3 +110,17 @@ def build_tokenizer(
     if save_dir is not None:
         wrapped.save_pretrained(str(save_dir))
     return wrapped
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """``AutoTokenizer`` from a local directory, offline, without transformers' warning that the directory's
+    ``internvl_chat`` config.json is not a tokenizer config (it is the model's, and expected there)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(level)

@@ -194,7 +194,7 @@ def format_trainable(counts: list[ComponentCount]) -> str:
 # new special tokens (spec §6.9)
 
 
-def _output_embedding(model: nn.Module) -> nn.Module:
+def output_embedding(model: nn.Module) -> nn.Module:
     return model.language_model.lm_head
 
 
@@ -208,7 +208,7 @@ def init_new_token_rows(model: nn.Module, token_ids: Sequence[int], *, input_row
 
     Input rows keep their initialisation unless ``input_rows`` (then they get the mean input row too).
     """
-    head = _output_embedding(model)
+    head = output_embedding(model)
     weight = head.weight
     ids = sorted({int(t) for t in token_ids})
     if not ids:
@@ -243,7 +243,7 @@ def resize_token_embeddings(model: nn.Module, new_size: int) -> list[int]:
     if new_size > old:
         new_embed.weight[old:] = embed.weight.float().mean(0).to(embed.weight.dtype)
     model.language_model.model.embed_tokens = new_embed
-    head = _output_embedding(model)
+    head = output_embedding(model)
     if isinstance(head, nn.Linear):
         new_head = nn.Linear(head.in_features, new_size, bias=False, device=head.weight.device, dtype=head.weight.dtype)
         new_head.weight[:keep] = head.weight[:keep]

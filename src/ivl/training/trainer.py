@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ivl.errors import ConfigError
+from ivl.processing.tokenizer import load_tokenizer
 from ivl.training import distributed as D
 from ivl.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from ivl.training.loss import global_weight_sum, normalised_loss, weighted_cross_entropy
@@ -63,19 +64,6 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------------------
 # setup helpers
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer`` from a directory, without its warning about the ``internvl_chat`` config.json there."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def build_model(recipe: Recipe) -> tuple[nn.Module, Any]:
