@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, no_args_is_help=True, help="InternVL-2.5 and Mono-InternVL toolkit.")
+app = typer.Typer(
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    help="InternVL-2.5 and Mono-InternVL toolkit.",
+)
 
 
 def main() -> None:

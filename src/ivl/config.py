@@ -153,12 +153,16 @@ class InternVLConfig:
         if self.ps_version != "v2":
             raise ConfigError(f"ps_version {self.ps_version!r} is not supported (InternVL-2.5 uses v2)")
         if not 0 <= self.image_token_id < self.text.vocab_size:
-            raise ConfigError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
+            raise ConfigError(
+                f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})"
+            )
         grid = self.image_size // self.vision.patch_size
         if grid % 2:
             raise ConfigError(f"patch grid {grid}x{grid} is odd; pixel unshuffle needs an even grid")
         if self.is_mono != self.text.visual_experts:
-            raise ConfigError("a patch-only vision stem (Mono-InternVL) requires text.visual_experts=True and vice versa")
+            raise ConfigError(
+                "a patch-only vision stem (Mono-InternVL) requires text.visual_experts=True and vice versa"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,8 +26,16 @@ def info_table(config: InternVLConfig, *, context_tokens: int = 8192, gpus: int 
     params.add_column("component")
     params.add_column("parameters", justify="right")
     params.add_column("share", justify="right")
-    for key in ("vision", "connector", "language", "language.embeddings", "language.layers",
-                "language.visual_experts", "language.lm_head", "total"):
+    for key in (
+        "vision",
+        "connector",
+        "language",
+        "language.embeddings",
+        "language.layers",
+        "language.visual_experts",
+        "language.lm_head",
+        "total",
+    ):
         if key == "language.visual_experts" and not counts[key]:
             continue
         value = counts[key]
@@ -46,7 +54,9 @@ def info_table(config: InternVLConfig, *, context_tokens: int = 8192, gpus: int 
     ):
         rows.append((label, training_memory(config, trainable=trainable, shards=gpus)))
     for label, est in rows:
-        memory.add_row(label, *(f"{v / GIB:.2f}" for v in (est.weights, est.gradients, est.optimizer, est.kv_cache, est.total)))
+        memory.add_row(
+            label, *(f"{v / GIB:.2f}" for v in (est.weights, est.gradients, est.optimizer, est.kv_cache, est.total))
+        )
     return params, memory
 
 

@@ -89,13 +89,17 @@ class MemoryEstimate:
 
 
 def kv_cache_bytes(cfg: TextConfig, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.resolved_head_dim * tokens * batch * bytes_per_value
+    return (
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.resolved_head_dim * tokens * batch * bytes_per_value
+    )
 
 
 def inference_memory(cfg: InternVLConfig, *, context_tokens: int = 8192, batch: int = 1) -> MemoryEstimate:
     """bf16 weights plus a bf16 KV cache for ``batch`` sequences of ``context_tokens``."""
     total = parameter_counts(cfg)["total"]
-    return MemoryEstimate(weights=2 * total, gradients=0, optimizer=0, kv_cache=kv_cache_bytes(cfg.text, context_tokens, batch))
+    return MemoryEstimate(
+        weights=2 * total, gradients=0, optimizer=0, kv_cache=kv_cache_bytes(cfg.text, context_tokens, batch)
+    )
 
 
 def training_memory(cfg: InternVLConfig, *, trainable: int | None = None, shards: int = 1) -> MemoryEstimate:

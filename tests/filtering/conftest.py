@@ -61,12 +61,25 @@ class FakeOpenAI:
                 with fake.lock:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                    fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization"), "t": time.monotonic()})
+                    fake.requests.append(
+                        {
+                            "path": self.path,
+                            "body": body,
+                            "auth": self.headers.get("Authorization"),
+                            "t": time.monotonic(),
+                        }
+                    )
                 try:
                     time.sleep(fake.delay_s)
                     status, text = fake.reply_for(body["messages"][-1]["content"])
                     if status == 200:
-                        payload = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+                        payload = {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                        }
                     else:
                         payload = {"error": {"message": text}}
                     data = json.dumps(payload).encode()

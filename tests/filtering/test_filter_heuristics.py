@@ -148,7 +148,14 @@ def media_dir(tmp_path):
 
 
 def image_sample(root, image, **extra) -> Sample:
-    return Sample({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}], "image": image, **extra}, root=str(root))
+    return Sample(
+        {
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}],
+            "image": image,
+            **extra,
+        },
+        root=str(root),
+    )
 
 
 def test_read_image_stats(media_dir):
@@ -200,7 +207,13 @@ def test_media_video(media_dir):
     (media_dir / "broken.mp4").write_bytes(b"\x00" * 100)
 
     def vid(name):
-        return Sample({"conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A."}], "video": name}, root=str(media_dir))
+        return Sample(
+            {
+                "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A."}],
+                "video": name,
+            },
+            root=str(media_dir),
+        )
 
     assert check("media", vid("clip.mp4")) is None
     assert "missing video" in check("media", vid("none.mp4")).reason

@@ -24,13 +24,36 @@ from ivl.filtering import pipeline
 from ivl.filtering.config import FilterConfig, InputSpec, load_filter_config
 from ivl.filtering.pipeline import merge_outputs, merge_summaries, run_filter, shard_range, unwrap_record
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+]
 
 
 def record(i: int, answer: str | None = None, **extra) -> dict:
     rng = np.random.default_rng(i)
     text = answer if answer is not None else " ".join(rng.choice(WORDS, 12)) + f". Item {i}."
-    return {"id": i, "conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": text}], **extra}
+    return {
+        "id": i,
+        "conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": text}],
+        **extra,
+    }
 
 
 def line(obj: dict) -> bytes:
@@ -57,7 +80,7 @@ def mixed_input(n: int = 60) -> bytes:
         elif kind == 9 and i < 20:
             out.append(b"   \n")  # blank line
         else:
-            out.append(line(record(i, f"Ünïcödé answer {i} with \"quotes\" and {{braces}}")))
+            out.append(line(record(i, f'Ünïcödé answer {i} with "quotes" and {{braces}}')))
     out.append(line(record(n))[:-1])  # final line without newline
     return b"".join(out)
 
@@ -110,7 +133,12 @@ def test_every_line_lands_in_exactly_one_output_byte_identical(tmp_path):
     binary = next(r for r in rejected if "record_base64" in r)
     assert "UTF-8" in binary["reason"] and binary["line"] == 8
     for r in rejected:  # every wrapper names its source line, filter and reason
-        assert r["source"].endswith("in.jsonl") and r["line"] >= 1 and r["reason"] and r["flags"][0]["filter"] == r["filter"]
+        assert (
+            r["source"].endswith("in.jsonl")
+            and r["line"] >= 1
+            and r["reason"]
+            and r["flags"][0]["filter"] == r["filter"]
+        )
 
 
 def test_workers_and_chunk_sizes_give_identical_outputs(tmp_path):
@@ -178,7 +206,9 @@ def test_resume_after_sigkill_with_remote_scoring(tmp_path, fake_openai):
     (tmp_path / "f.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": "killed"}))
     (tmp_path / "g.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": "ref"}))
     script = "import sys; from ivl.filtering.config import load_filter_config as l; from ivl.filtering.pipeline import run_filter; run_filter(l(sys.argv[1]))"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "f.yaml")], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "f.yaml")], env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     progress = tmp_path / "killed" / "progress.json"
     deadline = time.monotonic() + 20
     try:
@@ -238,7 +268,9 @@ def test_shards_partition_the_input_and_merge_back(tmp_path, num_shards):
     assert json.loads((tmp_path / "merged" / "summary.json").read_text())["records"] == full["records"]
     with pytest.raises(DataError, match="counted twice"):
         merge_summaries([dirs[0], dirs[0]])
-    other = run_filter(make_config(tmp_path, data, "other", rules={"char_run": {"max_run": 5}}, shard_index=1, num_shards=num_shards))
+    other = run_filter(
+        make_config(tmp_path, data, "other", rules={"char_run": {"max_run": 5}}, shard_index=1, num_shards=num_shards)
+    )
     assert other["setup"] != full["setup"]
     with pytest.raises(DataError, match="different filter setups"):
         merge_summaries([dirs[0], tmp_path / "other"])
@@ -262,7 +294,10 @@ def test_review_mode_and_per_input_exemptions(tmp_path):
     (tmp_path / "web.jsonl").write_bytes(line(record(0, loop)) + line(record(1)))
     (tmp_path / "academic.jsonl").write_bytes(line(record(0, loop)) + line(record(1)))
     config = FilterConfig(
-        inputs=[InputSpec(str(tmp_path / "web.jsonl")), InputSpec(str(tmp_path / "academic.jsonl"), skip_rules=["ngram_repetition", "phrase_loop"], name="acad")],
+        inputs=[
+            InputSpec(str(tmp_path / "web.jsonl")),
+            InputSpec(str(tmp_path / "academic.jsonl"), skip_rules=["ngram_repetition", "phrase_loop"], name="acad"),
+        ],
         output_dir=str(tmp_path / "out"),
         default_action="review",
     )
@@ -281,11 +316,21 @@ def test_media_rules_in_the_pipeline_resolve_dataset_roots(tmp_path):
     Image.new("RGB", (40, 40), "white").save(images / "blank.png")
     (images / "cut.png").write_bytes((images / "ok.png").read_bytes()[:200])
     q = "<image>\nWhat is shown?"
-    recs = [record(0, image="ok.png"), record(1, image="blank.png"), record(2, image="cut.png"), record(3, image="gone.png")]
+    recs = [
+        record(0, image="ok.png"),
+        record(1, image="blank.png"),
+        record(2, image="cut.png"),
+        record(3, image="gone.png"),
+    ]
     for r in recs:
         r["conversations"][0]["value"] = q
     (tmp_path / "ann.jsonl").write_bytes(b"".join(line(r) for r in recs))
-    config = FilterConfig(inputs=[InputSpec(str(tmp_path / "ann.jsonl"), root=str(images))], output_dir=str(tmp_path / "out"), workers=2, chunk_size=1)
+    config = FilterConfig(
+        inputs=[InputSpec(str(tmp_path / "ann.jsonl"), root=str(images))],
+        output_dir=str(tmp_path / "out"),
+        workers=2,
+        chunk_size=1,
+    )
     summary = run_filter(config)
     assert summary["kept"] == 1
     assert summary["by_filter"]["media"]["rejected"] == 2 and summary["by_filter"]["degenerate_image"]["rejected"] == 1
@@ -299,7 +344,15 @@ def test_yaml_config_paths_meta_and_errors(tmp_path):
     (tmp_path / "data" / "a.jsonl").write_bytes(line(record(0)))
     (tmp_path / "meta.json").write_text(json.dumps({"ds": {"root": "media/", "annotation": "data/a.jsonl"}}))
     (tmp_path / "c.yaml").write_text(
-        yaml.safe_dump({"inputs": [{"path": "data/a.jsonl", "domain": "math"}], "meta": "meta.json", "output_dir": "o", "rules": {"char_run": {"max_run": 9}}, "shard": "1/2"})
+        yaml.safe_dump(
+            {
+                "inputs": [{"path": "data/a.jsonl", "domain": "math"}],
+                "meta": "meta.json",
+                "output_dir": "o",
+                "rules": {"char_run": {"max_run": 9}},
+                "shard": "1/2",
+            }
+        )
     )
     config = load_filter_config(tmp_path / "c.yaml")
     assert config.inputs[0].path == str(tmp_path / "data" / "a.jsonl") and config.inputs[0].domain == "math"
@@ -307,7 +360,9 @@ def test_yaml_config_paths_meta_and_errors(tmp_path):
     assert config.inputs[1].name == "ds" and config.inputs[1].root == "media/"
     assert config.output_dir == str(tmp_path / "o") and (config.shard_index, config.num_shards) == (1, 2)
     assert next(r for r in config.build_rules() if r.name == "char_run").max_run == 9
-    assert load_filter_config(tmp_path / "c.yaml", output_dir="elsewhere").output_dir == str(Path("elsewhere").resolve())
+    assert load_filter_config(tmp_path / "c.yaml", output_dir="elsewhere").output_dir == str(
+        Path("elsewhere").resolve()
+    )
     for bad, fragment in [
         ({"inputs": ["a.jsonl"], "rules": {"nope": {}}}, "unknown rule"),
         ({"inputs": ["a.jsonl"], "worker": 2}, "unknown filter config field"),
@@ -336,9 +391,24 @@ def test_cli_filter_and_merge(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| ngram_repetition |" in result.output and (tmp_path / "out" / "summary.md").exists()
     for i in range(2):
-        result = runner.invoke(app, ["filter", str(tmp_path / "c.yaml"), "--shard", f"{i}/2", "-o", str(tmp_path / f"s{i}"), "--no-progress", "--workers", "2"])
+        result = runner.invoke(
+            app,
+            [
+                "filter",
+                str(tmp_path / "c.yaml"),
+                "--shard",
+                f"{i}/2",
+                "-o",
+                str(tmp_path / f"s{i}"),
+                "--no-progress",
+                "--workers",
+                "2",
+            ],
+        )
         assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["filter", "--merge", str(tmp_path / "s0"), "--merge", str(tmp_path / "s1"), "-o", str(tmp_path / "m")])
+    result = runner.invoke(
+        app, ["filter", "--merge", str(tmp_path / "s0"), "--merge", str(tmp_path / "s1"), "-o", str(tmp_path / "m")]
+    )
     assert result.exit_code == 0, result.output
     assert outputs(tmp_path / "m") == outputs(tmp_path / "out")
 

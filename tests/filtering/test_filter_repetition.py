@@ -136,10 +136,18 @@ def test_longest_substring_loop():
     ("rule", "bad", "good"),
     [
         ("ngram_repetition", " ".join(WORDS[:12] * 10), " ".join(WORDS)),
-        ("duplicate_lines", "\n".join(["- the same list item again"] * 6), "\n".join(f"- item number {i} here" for i in range(6))),
+        (
+            "duplicate_lines",
+            "\n".join(["- the same list item again"] * 6),
+            "\n".join(f"- item number {i} here" for i in range(6)),
+        ),
         ("char_run", "Wow" + "!" * 80, "Wow!!! that is a ---- separator"),
         ("substring_loop", "答案是" + "对的" * 40, "答案是对的。"),
-        ("phrase_loop", "Sure. " + "I will check the picture again to be sure. " * 4, "I will check. I will check again later today, then we will see."),
+        (
+            "phrase_loop",
+            "Sure. " + "I will check the picture again to be sure. " * 4,
+            "I will check. I will check again later today, then we will see.",
+        ),
     ],
 )
 def test_rules_flag_positive_and_pass_negative(rule, bad, good):
@@ -192,5 +200,9 @@ def test_loop_finders_agree_with_unfiltered_search(seed):
     assert longest_phrase_loop(text, 64, min_repeats, min_span)[2] == expected
     token = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
     token = token + "xyz"[: rng.randint(2, 3)] * rng.randint(1, 20) + token[::-1]
-    runs = [r for r in periodic_runs(np.array([ord(c) for c in token], dtype=np.int64), 2, 30, min_repeats, min_span) if len(set(token[r[1] : r[1] + r[2]])) > 1]
+    runs = [
+        r
+        for r in periodic_runs(np.array([ord(c) for c in token], dtype=np.int64), 2, 30, min_repeats, min_span)
+        if len(set(token[r[1] : r[1] + r[2]])) > 1
+    ]
     assert longest_substring_loop(token, 2, 30, min_repeats, min_span)[1] == (runs[0][0] if runs else 0)

@@ -81,9 +81,23 @@ def test_prompt_library_shipped_and_user_templates(tmp_path):
 
 
 def test_render_and_prompt_keep_braces_and_truncate():
-    s = Sample({"conversations": [{"from": "human", "value": "<image>\nWhat is {x}?"}, {"from": "gpt", "value": "a" * 5000 + "TAIL"}], "image": "i.png"})
+    s = Sample(
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is {x}?"},
+                {"from": "gpt", "value": "a" * 5000 + "TAIL"},
+            ],
+            "image": "i.png",
+        }
+    )
     text = render_conversation(s, max_chars=600)
-    assert "1 image(s)" in text and "What is {x}?" in text and text.endswith("TAIL") and "omitted" in text and len(text) < 700
+    assert (
+        "1 image(s)" in text
+        and "What is {x}?" in text
+        and text.endswith("TAIL")
+        and "omitted" in text
+        and len(text) < 700
+    )
     prompt = build_rule("llm_quality").prompt(s, "general", PromptLibrary())
     assert "What is {x}?" in prompt and "Score: N" in prompt
 
@@ -184,8 +198,13 @@ def test_pipeline_llm_stage_against_fake_server(tmp_path, fake_openai):
         {"conversations": [{"from": "human", "value": "q2"}, {"from": "gpt", "value": "borderline SCORE=7"}]},
         {"conversations": [{"from": "human", "value": "q3"}, {"from": "gpt", "value": "judge confused GARBLE"}]},
         {"conversations": [{"from": "human", "value": "q4"}, {"from": "gpt", "value": "loopy SCORE=9 REP=1"}]},
-        {"conversations": [{"from": "human", "value": "q5"}, {"from": "gpt", "value": "x" * 100}]},  # char_run rejects first
-        {"conversations": [{"from": "human", "value": "<image>\nq6"}, {"from": "gpt", "value": "image SCORE=1"}], "image": "i.png"},
+        {
+            "conversations": [{"from": "human", "value": "q5"}, {"from": "gpt", "value": "x" * 100}]
+        },  # char_run rejects first
+        {
+            "conversations": [{"from": "human", "value": "<image>\nq6"}, {"from": "gpt", "value": "image SCORE=1"}],
+            "image": "i.png",
+        },
     ]
     write_jsonl(tmp_path / "in.jsonl", records)
     config = FilterConfig(
@@ -193,15 +212,24 @@ def test_pipeline_llm_stage_against_fake_server(tmp_path, fake_openai):
         output_dir=str(tmp_path / "out"),
         chain=["char_run", "llm_repetition", "llm_quality"],
         rules={"llm_quality": {"enabled": True, "review_below": 8}, "llm_repetition": {"enabled": True}},
-        scorer=ScorerConfig(base_url=fake_openai.base_url, model="judge", api_key_env=None, concurrency=4, batch_size=3),
+        scorer=ScorerConfig(
+            base_url=fake_openai.base_url, model="judge", api_key_env=None, concurrency=4, batch_size=3
+        ),
     )
     summary = run_filter(config)
     out = tmp_path / "out"
     kept = (out / "kept.jsonl").read_bytes().splitlines()
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     review = [json.loads(x) for x in (out / "review.jsonl").read_text().splitlines()]
-    assert [json.loads(k)["conversations"][1]["value"] for k in kept] == ["good SCORE=9", "image SCORE=1"]  # quality skips images
-    assert {(r["line"], r["filter"], r["score"]) for r in rejected} == {(2, "llm_quality", 4.0), (5, "llm_repetition", 1.0), (6, "char_run", 100.0)}
+    assert [json.loads(k)["conversations"][1]["value"] for k in kept] == [
+        "good SCORE=9",
+        "image SCORE=1",
+    ]  # quality skips images
+    assert {(r["line"], r["filter"], r["score"]) for r in rejected} == {
+        (2, "llm_quality", 4.0),
+        (5, "llm_repetition", 1.0),
+        (6, "char_run", 100.0),
+    }
     assert {(r["line"], r["filter"]) for r in review} == {(3, "llm_quality"), (4, "llm_repetition")}
     garbled = next(r for r in review if r["line"] == 4)  # both judges got an unparsable reply: both are recorded
     assert [f["filter"] for f in garbled["flags"]] == ["llm_repetition", "llm_quality"]
@@ -210,11 +238,17 @@ def test_pipeline_llm_stage_against_fake_server(tmp_path, fake_openai):
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 6 + 4  # repetition on every survivor (6), quality on the text survivors of it (4)
     # the review lines still carry the original bytes
-    assert unwrap_record(json.dumps(review[0])) == json.dumps(records[review[0]["line"] - 1], ensure_ascii=False).encode() + b"\n"
+    assert (
+        unwrap_record(json.dumps(review[0]))
+        == json.dumps(records[review[0]["line"] - 1], ensure_ascii=False).encode() + b"\n"
+    )
 
 
 def test_pipeline_scoring_errors_stop_or_review(tmp_path, fake_openai):
-    write_jsonl(tmp_path / "in.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "BAD400"}]}])
+    write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "BAD400"}]}],
+    )
 
     def config(on_error, out):
         return FilterConfig(
@@ -234,7 +268,11 @@ def test_pipeline_scoring_errors_stop_or_review(tmp_path, fake_openai):
 
 def test_pipeline_requires_a_scorer_for_llm_rules(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [])
-    config = FilterConfig(inputs=[InputSpec(str(tmp_path / "in.jsonl"))], output_dir=str(tmp_path / "o"), rules={"llm_quality": {"enabled": True}})
+    config = FilterConfig(
+        inputs=[InputSpec(str(tmp_path / "in.jsonl"))],
+        output_dir=str(tmp_path / "o"),
+        rules={"llm_quality": {"enabled": True}},
+    )
     with pytest.raises(ConfigError, match="no scorer"):
         run_filter(config)
 
@@ -262,7 +300,9 @@ def test_engine_scorer_matches_direct_generation():
     for prompt, reply in zip(prompts, replies, strict=True):
         text = f"<|im_start|>system\njudge<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         ids = tokenizer(text)["input_ids"]
-        direct = engine.generate([GenerationRequest(input_ids=ids, generation=GenerationConfig(max_new_tokens=6, do_sample=False))])
+        direct = engine.generate(
+            [GenerationRequest(input_ids=ids, generation=GenerationConfig(max_new_tokens=6, do_sample=False))]
+        )
         assert reply == direct[0].text
     with pytest.raises(ScoringError) as info:
         scorer.score_batch(["short", "long " * 5000, "literal <IMG_CONTEXT> token"])

@@ -84,7 +84,9 @@ class ScorerConfig:
         if self.kind == "local" and not self.checkpoint:
             raise ConfigError("scorer.kind local needs scorer.checkpoint (an ivl checkpoint folder)")
         if self.batch_size < 1 or self.concurrency < 1:
-            raise ConfigError(f"scorer.batch_size and scorer.concurrency must be >= 1, got {self.batch_size}, {self.concurrency}")
+            raise ConfigError(
+                f"scorer.batch_size and scorer.concurrency must be >= 1, got {self.batch_size}, {self.concurrency}"
+            )
         if self.on_error not in ("stop", "review"):
             raise ConfigError(f"scorer.on_error must be stop or review, got {self.on_error!r}")
 
@@ -156,7 +158,10 @@ class FilterConfig:
         """
         scorer = None
         if self.scorer is not None:
-            scorer = {k: getattr(self.scorer, k) for k in ("kind", "base_url", "model", "checkpoint", "max_tokens", "temperature")}
+            scorer = {
+                k: getattr(self.scorer, k)
+                for k in ("kind", "base_url", "model", "checkpoint", "max_tokens", "temperature")
+            }
         payload = {
             "inputs": [dataclasses.asdict(s) for s in self.inputs],
             "rules": [{"name": r.name, **dataclasses.asdict(r)} for r in self.build_rules()],

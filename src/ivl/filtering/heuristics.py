@@ -337,9 +337,15 @@ class Media(Rule):
         if self.check_declared_size and len(sample.images) == 1:
             stats = image_stats(sample, sample.images[0])
             w, h = sample.data.get("width"), sample.data.get("height")
-            if isinstance(stats, ImageStats) and isinstance(w, int) and isinstance(h, int) and (w, h) != (
-                stats.width,
-                stats.height,
+            if (
+                isinstance(stats, ImageStats)
+                and isinstance(w, int)
+                and isinstance(h, int)
+                and (w, h)
+                != (
+                    stats.width,
+                    stats.height,
+                )
             ):
                 return self.flag(f"declared size {w}x{h} but the image is {stats.width}x{stats.height}")
         if sample.video is not None:

@@ -173,7 +173,9 @@ class Tally:
         return self.by_filter.setdefault(name, {"rejected": 0, "review": 0})
 
     def add_score(self, rule: str, score: float | None, failed: bool = False) -> None:
-        entry = self.llm.setdefault(rule, {"scored": 0, "unparsable": 0, "failed": 0, "score_sum": 0.0, "histogram": [0] * 11})
+        entry = self.llm.setdefault(
+            rule, {"scored": 0, "unparsable": 0, "failed": 0, "score_sum": 0.0, "histogram": [0] * 11}
+        )
         if failed:
             entry["failed"] += 1
         elif score is None:
@@ -199,10 +201,14 @@ class Tally:
                 for k, v in counts.items():
                     target[k] = target.get(k, 0) + v
         for name, entry in other.llm.items():
-            target = self.llm.setdefault(name, {"scored": 0, "unparsable": 0, "failed": 0, "score_sum": 0.0, "histogram": [0] * 11})
+            target = self.llm.setdefault(
+                name, {"scored": 0, "unparsable": 0, "failed": 0, "score_sum": 0.0, "histogram": [0] * 11}
+            )
             for k in ("scored", "unparsable", "failed", "score_sum"):
                 target[k] += entry.get(k, 0)
-            target["histogram"] = [a + b for a, b in zip(target["histogram"], entry.get("histogram", [0] * 11), strict=True)]
+            target["histogram"] = [
+                a + b for a, b in zip(target["histogram"], entry.get("histogram", [0] * 11), strict=True)
+            ]
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)  # shards run side by side
 
 
@@ -339,7 +345,9 @@ def build_scorer(config: ScorerConfig) -> Scorer:
 class _LLMStage:
     """Scores the chain's survivors of one chunk with every enabled LLM rule, in chain order."""
 
-    def __init__(self, rules: list[LLMRule], scorer: Scorer, library: PromptLibrary, batch_size: int, on_error: str) -> None:
+    def __init__(
+        self, rules: list[LLMRule], scorer: Scorer, library: PromptLibrary, batch_size: int, on_error: str
+    ) -> None:
         self.rules, self.scorer, self.library = rules, scorer, library
         self.batch_size, self.on_error = batch_size, on_error
 
@@ -357,16 +365,26 @@ class _LLMStage:
                 errors += exc.errors
                 continue
             if len(got) != len(batch):
-                raise ScoringError(f"scorer returned {len(got)} replies for {len(batch)} prompts", [None] * len(batch), ["count"] * len(batch))
+                raise ScoringError(
+                    f"scorer returned {len(got)} replies for {len(batch)} prompts",
+                    [None] * len(batch),
+                    ["count"] * len(batch),
+                )
             replies += got
             errors += [None] * len(batch)
         return replies, errors
 
-    def run(self, samples: dict[int, Sample], decisions: list[tuple[Status, list[Flag]]], tally: Tally) -> list[dict[str, Any]]:
+    def run(
+        self, samples: dict[int, Sample], decisions: list[tuple[Status, list[Flag]]], tally: Tally
+    ) -> list[dict[str, Any]]:
         scores: list[dict[str, Any]] = []
         domains = {i: guess_domain(s) for i, s in samples.items()}
         for rule in self.rules:
-            todo = [i for i, s in samples.items() if decisions[i][0] != "rejected" and rule.name not in _skips(s) and rule.applies(s)]
+            todo = [
+                i
+                for i, s in samples.items()
+                if decisions[i][0] != "rejected" and rule.name not in _skips(s) and rule.applies(s)
+            ]
             if not todo:
                 continue
             prompts = [rule.prompt(samples[i], domains[i], self.library) for i in todo]
@@ -381,7 +399,14 @@ class _LLMStage:
                     score, flag = rule.decide(reply, domains[i])
                     tally.add_score(rule.name, score)
                 scores.append(
-                    {"source": samples[i].source, "line": samples[i].line, "filter": rule.name, "domain": domains[i], "score": score, "reply": (reply or "")[:500]}
+                    {
+                        "source": samples[i].source,
+                        "line": samples[i].line,
+                        "filter": rule.name,
+                        "domain": domains[i],
+                        "score": score,
+                        "reply": (reply or "")[:500],
+                    }
                 )
                 if flag is None:
                     continue
@@ -462,7 +487,9 @@ def run_filter(
                 raise ConfigError(f"LLM rules {[r.name for r in llm_rules]} are enabled but the config has no scorer")
             scorer = owned_scorer = build_scorer(config.scorer)
         scorer_cfg = config.scorer or ScorerConfig()
-        stage = _LLMStage(llm_rules, scorer, PromptLibrary(config.prompts_dir), scorer_cfg.batch_size, scorer_cfg.on_error)
+        stage = _LLMStage(
+            llm_rules, scorer, PromptLibrary(config.prompts_dir), scorer_cfg.batch_size, scorer_cfg.on_error
+        )
 
     out = Path(config.output_dir)
     state = _prepare_output(config, restart)
@@ -471,7 +498,11 @@ def run_filter(
         return _finish(config, state, tally)
 
     ranges = [shard_range(s.path, config.shard_index, config.num_shards) for s in config.inputs]
-    remaining = sum(end - (state.offset if i == state.file_index and state.offset is not None else start) for i, (start, end) in enumerate(ranges) if i >= state.file_index)
+    remaining = sum(
+        end - (state.offset if i == state.file_index and state.offset is not None else start)
+        for i, (start, end) in enumerate(ranges)
+        if i >= state.file_index
+    )
     pool = _start_workers(config.workers, chain, config.inputs) if config.workers > 1 else None
     bar = _ProgressBar(remaining, progress)  # after the fork: its refresh thread must not be copied
     handles = {name: open(out / name, "ab") for name in OUTPUTS}  # noqa: SIM115 - closed in finally
@@ -492,7 +523,11 @@ def run_filter(
                     samples = _survivors(chunk, decisions, spec)
                     scores = stage.run(samples, decisions, tally) if samples else []
                 _write_chunk(handles, chunk, decisions, spec, tally, scores if config.write_scores else [])
-                state.file_index, state.offset, state.line = file_index, chunk.end_offset, chunk.first_line + len(chunk.lines)
+                state.file_index, state.offset, state.line = (
+                    file_index,
+                    chunk.end_offset,
+                    chunk.first_line + len(chunk.lines),
+                )
                 bar.advance(chunk.nbytes, len(chunk.lines))
                 # fsync costs milliseconds: commit at most every commit_every_s; a crash redoes the rest
                 if time.perf_counter() - last_commit >= config.commit_every_s:
@@ -518,12 +553,17 @@ def run_filter(
     return _finish(config, state, tally)
 
 
-def _checked(chunks: Iterator[Chunk], chain: list[Rule], inputs: list[InputSpec], pool: Any, workers: int) -> Iterator[tuple[Chunk, list[tuple[Status, list[Flag]]]]]:
+def _checked(
+    chunks: Iterator[Chunk], chain: list[Rule], inputs: list[InputSpec], pool: Any, workers: int
+) -> Iterator[tuple[Chunk, list[tuple[Status, list[Flag]]]]]:
     """Rule decisions per chunk, in input order; with a pool, a bounded number of chunks run ahead."""
     if pool is None:
         for chunk in chunks:
             spec = inputs[chunk.file_index]
-            yield chunk, [check_record(chain, raw, spec.path, chunk.first_line + i, spec) for i, raw in enumerate(chunk.lines)]
+            yield (
+                chunk,
+                [check_record(chain, raw, spec.path, chunk.first_line + i, spec) for i, raw in enumerate(chunk.lines)],
+            )
         return
     pending: deque[tuple[Chunk, Any]] = deque()
     for chunk in chunks:
@@ -558,13 +598,22 @@ def _survivors(chunk: Chunk, decisions: list[tuple[Status, list[Flag]]], spec: I
     samples = {}
     for i, (status, _flags) in enumerate(decisions):
         if status != "rejected":
-            sample = parse_line(chunk.lines[i], spec.path, chunk.first_line + i, root=spec.media_root, domain=spec.domain)
+            sample = parse_line(
+                chunk.lines[i], spec.path, chunk.first_line + i, root=spec.media_root, domain=spec.domain
+            )
             sample.cache["skip_rules"] = spec.skip_rules
             samples[i] = sample
     return samples
 
 
-def _write_chunk(handles: dict[str, Any], chunk: Chunk, decisions: list[tuple[Status, list[Flag]]], spec: InputSpec, tally: Tally, scores: list[dict[str, Any]]) -> None:
+def _write_chunk(
+    handles: dict[str, Any],
+    chunk: Chunk,
+    decisions: list[tuple[Status, list[Flag]]],
+    spec: InputSpec,
+    tally: Tally,
+    scores: list[dict[str, Any]],
+) -> None:
     for i, (status, flags) in enumerate(decisions):
         raw = chunk.lines[i]
         if status == "kept":
@@ -586,7 +635,12 @@ def _commit(out: Path, handles: dict[str, Any], state: RunState, tally: Tally) -
 
 
 def _finish(config: FilterConfig, state: RunState, tally: Tally) -> dict[str, Any]:
-    summary = make_summary(tally, complete=state.done, shards=[f"{config.shard_index}/{config.num_shards}"], setup=config.fingerprint(include_shard=False))
+    summary = make_summary(
+        tally,
+        complete=state.done,
+        shards=[f"{config.shard_index}/{config.num_shards}"],
+        setup=config.fingerprint(include_shard=False),
+    )
     write_summary(Path(config.output_dir), summary)
     return summary
 
@@ -618,7 +672,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, counts in sorted(summary["by_filter"].items(), key=lambda kv: -(kv[1]["rejected"] + kv[1]["review"])):
-        lines.append(f"| {name} | {counts['rejected']:,} | {counts['review']:,} | {(counts['rejected'] + counts['review']) / n:.2%} |")
+        lines.append(
+            f"| {name} | {counts['rejected']:,} | {counts['review']:,} | {(counts['rejected'] + counts['review']) / n:.2%} |"
+        )
     lines += ["", "| input | records | kept | rejected | review |", "|---|---:|---:|---:|---:|"]
     for name, c in summary["by_input"].items():
         lines.append(f"| {name} | {c['records']:,} | {c['kept']:,} | {c['rejected']:,} | {c['review']:,} |")
@@ -648,7 +704,9 @@ def merge_summaries(paths: list[str | os.PathLike[str]]) -> dict[str, Any]:
             raise DataError(f"{path}: not a summary JSON ({exc})") from exc
         dup = set(shards) & set(data["shards"])
         if dup:
-            raise DataError(f"{path}: shard(s) {sorted(dup)} already merged; a shard counted twice would double its records")
+            raise DataError(
+                f"{path}: shard(s) {sorted(dup)} already merged; a shard counted twice would double its records"
+            )
         shards += data["shards"]
         setups.add(data["setup"])
         complete &= bool(data["complete"])

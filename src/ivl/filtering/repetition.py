@@ -66,7 +66,9 @@ def longest_char_run(text: str, skip_whitespace: bool = True) -> tuple[str, int]
     return best_char, best
 
 
-def periodic_runs(seq: np.ndarray, min_period: int, max_period: int, min_repeats: int, min_span: int) -> list[tuple[int, int, int]]:
+def periodic_runs(
+    seq: np.ndarray, min_period: int, max_period: int, min_repeats: int, min_span: int
+) -> list[tuple[int, int, int]]:
     """(span, start, period) of every stretch of ``seq`` that repeats a unit of ``period`` items back to back
     at least ``min_repeats`` whole times over at least ``min_span`` items; longest first, shortest period first.
 
@@ -112,7 +114,11 @@ def _has_repeated_gram(items: Sequence[Any], k: int) -> bool:
     total = len(items) - k + 1
     if total < 2:
         return False
-    grams = zip(*(items[i:] for i in range(k)), strict=False) if not isinstance(items, str) else (items[i : i + k] for i in range(total))
+    grams = (
+        zip(*(items[i:] for i in range(k)), strict=False)
+        if not isinstance(items, str)
+        else (items[i : i + k] for i in range(total))
+    )
     return len(set(grams)) < total
 
 
@@ -125,7 +131,9 @@ def _guaranteed_overlap(min_span: int, min_repeats: int, cap: int) -> int:
     return max(1, min(cap, min_span * (min_repeats - 1) // min_repeats))
 
 
-def longest_substring_loop(text: str, min_period: int = 2, max_period: int = 30, min_repeats: int = 10, min_span: int = 50) -> tuple[str, int]:
+def longest_substring_loop(
+    text: str, min_period: int = 2, max_period: int = 30, min_repeats: int = 10, min_span: int = 50
+) -> tuple[str, int]:
     """(unit, span in characters) of the longest run of a short unit repeated back to back inside one
     whitespace-free stretch of text.
 
@@ -136,7 +144,9 @@ def longest_substring_loop(text: str, min_period: int = 2, max_period: int = 30,
     best_unit, best = "", 0
     for token in (piece for whole in text.split() for piece in _head_and_tail(whole)):
         # A qualifying loop repeats an 8-character window; most stretches are rejected by that check alone.
-        if len(token) < max(min_span, best + 1) or not _has_repeated_gram(token, _guaranteed_overlap(min_span, min_repeats, 8)):
+        if len(token) < max(min_span, best + 1) or not _has_repeated_gram(
+            token, _guaranteed_overlap(min_span, min_repeats, 8)
+        ):
             continue
         for span, start, period in periodic_runs(_codepoints(token), min_period, max_period, min_repeats, min_span):
             unit = token[start : start + period]
@@ -147,14 +157,19 @@ def longest_substring_loop(text: str, min_period: int = 2, max_period: int = 30,
     return best_unit, best
 
 
-def longest_phrase_loop(text: str, max_words: int = 64, min_repeats: int = 3, min_span: int = 24) -> tuple[str, int, int]:
+def longest_phrase_loop(
+    text: str, max_words: int = 64, min_repeats: int = 3, min_span: int = 24
+) -> tuple[str, int, int]:
     """(phrase, times repeated, span in words) of the longest phrase of whitespace words repeated back to back.
 
     The official n-gram share is diluted by a long answer around a loop; a back-to-back repeat is not.
     """
     words = text.split()
     if len(words) > _MAX_SEARCH:
-        return max((longest_phrase_loop(" ".join(part), max_words, min_repeats, min_span) for part in _head_and_tail(words)), key=lambda r: r[2])
+        return max(
+            (longest_phrase_loop(" ".join(part), max_words, min_repeats, min_span) for part in _head_and_tail(words)),
+            key=lambda r: r[2],
+        )
     # Texts without a repeated 10-gram (nearly all clean ones) cannot hold a qualifying loop: skip the search.
     if len(words) < min_span or not _has_repeated_gram(words, _guaranteed_overlap(min_span, min_repeats, 10)):
         return "", 0, 0
@@ -221,7 +236,9 @@ class DuplicateLines(Rule):
         for turn, text in sample.texts(self.fields):
             ratio, n_lines = duplicate_line_ratio(text, self.min_line_chars)
             if n_lines >= self.min_lines and ratio > self.threshold:
-                return self.flag(f"turn {turn}: {ratio:.2f} of {n_lines} lines are duplicates (> {self.threshold})", ratio)
+                return self.flag(
+                    f"turn {turn}: {ratio:.2f} of {n_lines} lines are duplicates (> {self.threshold})", ratio
+                )
         return None
 
 

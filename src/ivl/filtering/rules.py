@@ -95,7 +95,9 @@ class Sample:
         return os.path.join(self.root, path)
 
 
-def parse_line(raw: bytes, source: str = "<memory>", line: int = 0, root: str = "", domain: str | None = None) -> Sample:
+def parse_line(
+    raw: bytes, source: str = "<memory>", line: int = 0, root: str = "", domain: str | None = None
+) -> Sample:
     """Decode one JSONL line into a :class:`Sample`, or raise :class:`RecordParseError` saying why not.
 
     Only the structure every rule relies on is checked here (object, conversations of ``{from, value}``
@@ -123,7 +125,9 @@ def parse_line(raw: bytes, source: str = "<memory>", line: int = 0, root: str = 
         if not isinstance(msg, dict):
             raise RecordParseError("schema", f"{where}: conversations[{i}] must be an object")
         if msg.get("from") not in ROLES:
-            raise RecordParseError("schema", f"{where}: conversations[{i}].from must be human/gpt/system, got {msg.get('from')!r}")
+            raise RecordParseError(
+                "schema", f"{where}: conversations[{i}].from must be human/gpt/system, got {msg.get('from')!r}"
+            )
         if not isinstance(msg.get("value"), str):
             raise RecordParseError("schema", f"{where}: conversations[{i}].value must be a string")
     image = obj.get("image")

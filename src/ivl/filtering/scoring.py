@@ -103,7 +103,11 @@ class PromptLibrary:
         self._cache: dict[str, str] = {}
 
     def names(self) -> list[str]:
-        shipped = {p.name[:-4] for p in resources.files("ivl.filtering").joinpath("prompts").iterdir() if p.name.endswith(".txt")}
+        shipped = {
+            p.name[:-4]
+            for p in resources.files("ivl.filtering").joinpath("prompts").iterdir()
+            if p.name.endswith(".txt")
+        }
         user = {p.stem for p in self.user_dir.glob("*.txt")} if self.user_dir else set()
         return sorted(shipped | user)
 
@@ -140,10 +144,14 @@ def render_conversation(sample: Sample, max_chars: int = 12000) -> str:
     return text
 
 
-_OCR_HINT = re.compile(r"\b(ocr|transcribe|read (?:the|all|out)|text (?:in|on|of) (?:the|this) (?:image|picture|document))\b", re.I)
+_OCR_HINT = re.compile(
+    r"\b(ocr|transcribe|read (?:the|all|out)|text (?:in|on|of) (?:the|this) (?:image|picture|document))\b", re.I
+)
 _CAPTION_HINT = re.compile(r"\b(describe|description|caption)\b", re.I)
 _CODE_HINT = re.compile(r"```|\b(?:def|class|return|import|function|#include|public static)\b[^\n]*[(){}:;]")
-_MATH_HINT = re.compile(r"\\(?:frac|sqrt|sum|int|times|cdot)|\$[^$\n]+\$|\b(?:solve|equation|prove|integral|derivative)\b", re.I)
+_MATH_HINT = re.compile(
+    r"\\(?:frac|sqrt|sum|int|times|cdot)|\$[^$\n]+\$|\b(?:solve|equation|prove|integral|derivative)\b", re.I
+)
 
 
 def guess_domain(sample: Sample) -> str:
@@ -192,7 +200,9 @@ class LLMRule(Rule):
         if self.apply_to not in ("text", "multimodal", "all"):
             raise ConfigError(f"rule {self.name}: apply_to must be text, multimodal or all, got {self.apply_to!r}")
         if self.on_unparsable not in ("review", "keep", "reject"):
-            raise ConfigError(f"rule {self.name}: on_unparsable must be review, keep or reject, got {self.on_unparsable!r}")
+            raise ConfigError(
+                f"rule {self.name}: on_unparsable must be review, keep or reject, got {self.on_unparsable!r}"
+            )
 
     def applies(self, sample: Sample) -> bool:
         multimodal = bool(sample.images) or sample.video is not None
@@ -219,7 +229,9 @@ class LLMRule(Rule):
         if score < threshold:
             return score, Flag(self.name, f"{domain} score {score:g} < {threshold:g}", score, self.action)
         if self.review_below is not None and score < self.review_below:
-            return score, Flag(self.name, f"{domain} score {score:g} < review_below {self.review_below:g}", score, "review")
+            return score, Flag(
+                self.name, f"{domain} score {score:g} < review_below {self.review_below:g}", score, "review"
+            )
         return score, None
 
     def check(self, sample: Sample) -> Flag | None:
@@ -332,7 +344,11 @@ class OpenAIScorer:
         errors = [None if isinstance(r, str) else r.message for r in results]
         failed = [e for e in errors if e is not None]
         if failed:
-            raise ScoringError(f"{len(failed)} of {len(prompts)} scoring requests to {self.url} failed; first: {failed[0]}", replies, errors)
+            raise ScoringError(
+                f"{len(failed)} of {len(prompts)} scoring requests to {self.url} failed; first: {failed[0]}",
+                replies,
+                errors,
+            )
         return [r for r in replies if r is not None]
 
     def close(self) -> None:
@@ -358,7 +374,9 @@ class OpenAIScorer:
         if self._client is None:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=headers, transport=self.transport, limits=limits)
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout_s, headers=headers, transport=self.transport, limits=limits
+            )
             self._limiter = _RateLimiter(self.rate_limit)
         semaphore = asyncio.Semaphore(self.concurrency)
 
@@ -371,7 +389,13 @@ class OpenAIScorer:
     def _body(self, prompt: str) -> dict[str, Any]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature, **self.extra_body}
+        return {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            **self.extra_body,
+        }
 
     async def _request(self, client: Any, limiter: _RateLimiter, prompt: str) -> str | _Failure:
         import httpx
@@ -456,7 +480,9 @@ class EngineScorer:
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) + self.max_new_tokens > self.engine.max_context:
-                errors[i] = f"prompt of {len(ids)} tokens + {self.max_new_tokens} new exceeds the context of {self.engine.max_context}"
+                errors[i] = (
+                    f"prompt of {len(ids)} tokens + {self.max_new_tokens} new exceeds the context of {self.engine.max_context}"
+                )
                 continue
             requests.append(GenerationRequest(input_ids=ids, generation=generation))
             where.append(i)
@@ -474,7 +500,11 @@ class EngineScorer:
             replies[i] = text
         failed = [e for e in errors if e is not None]
         if failed:
-            raise ScoringError(f"{len(failed)} of {len(prompts)} prompts could not be scored locally; first: {failed[0]}", replies, errors)
+            raise ScoringError(
+                f"{len(failed)} of {len(prompts)} prompts could not be scored locally; first: {failed[0]}",
+                replies,
+                errors,
+            )
         return [r or "" for r in replies]
 
 
