@@ -73,17 +73,19 @@ def with_media_prefix(question: str, num_images: int, has_video: bool, history: 
 def _request(
     processor: Any,
     question: str,
-    images: list[Any],
-    video: Any,
-    history: History | None,
-    generation: GenerationConfig,
+    images: Any = None,
+    video: Any = None,
+    history: History | None = None,
+    generation: GenerationConfig | Mapping[str, Any] | None = None,
     *,
-    max_num: int | None,
-    num_segments: int | None,
-    system_message: str | None,
+    max_num: int | None = None,
+    num_segments: int | None = None,
+    system_message: str | None = None,
 ) -> tuple[str, GenerationRequest]:
+    """One question (with its media, history and settings) → (question as stored in history, engine request)."""
     if not isinstance(question, str):
         raise GenerationError(f"question must be a string, got {type(question).__name__}")
+    images = _as_list(images)
     question = with_media_prefix(question, len(images), video is not None, history)
     messages = build_messages(question, history, system_message=system_message)
     kwargs: dict[str, Any] = {}
@@ -94,7 +96,7 @@ def _request(
     inputs = encode_messages(
         processor, messages, images=images or None, videos=[video] if video is not None else None, **kwargs
     )
-    return question, GenerationRequest.from_inputs(inputs, generation)
+    return question, GenerationRequest.from_inputs(inputs, GenerationConfig.from_any(generation))
 
 
 def chat(
@@ -116,18 +118,10 @@ def chat(
     Text only when neither is given; multi-turn with ``history``. Returns the answer, or
     ``(answer, history + [(question, answer)])`` with ``return_history=True`` (question with placeholders).
     """
-    gen = GenerationConfig.from_any(generation)
     question, request = _request(
-        processor,
-        question,
-        _as_list(images),
-        video,
-        history,
-        gen,
-        max_num=max_num,
-        num_segments=num_segments,
-        system_message=system_message,
-    )
+        processor, question, images, video, history, generation,
+        max_num=max_num, num_segments=num_segments, system_message=system_message,
+    )  # fmt: skip
     result = engine_for(model, processor).generate([request])[0]
     answer = result.text.strip()
     if return_history:
@@ -152,18 +146,10 @@ def stream_chat(
 
     The full answer is ``"".join(deltas).strip()``; the history entry's question is ``chat``'s (same prefix rule).
     """
-    gen = GenerationConfig.from_any(generation)
     _, request = _request(
-        processor,
-        question,
-        _as_list(images),
-        video,
-        history,
-        gen,
-        max_num=max_num,
-        num_segments=num_segments,
-        system_message=system_message,
-    )
+        processor, question, images, video, history, generation,
+        max_num=max_num, num_segments=num_segments, system_message=system_message,
+    )  # fmt: skip
     yield from engine_for(model, processor).stream(request)
 
 
@@ -185,17 +171,7 @@ def batch_chat(
         raise GenerationError(f"batch_chat got {len(questions)} questions but {len(per_question)} image entries")
     gen = GenerationConfig.from_any(generation)
     requests = [
-        _request(
-            processor,
-            q,
-            _as_list(imgs),
-            None,
-            None,
-            gen,
-            max_num=max_num,
-            num_segments=None,
-            system_message=system_message,
-        )[1]
+        _request(processor, q, imgs, generation=gen, max_num=max_num, system_message=system_message)[1]
         for q, imgs in zip(questions, per_question, strict=True)
     ]
     results = engine_for(model, processor).generate(requests)
