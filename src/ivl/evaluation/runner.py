@@ -246,10 +246,8 @@ def load_engine_predictor(
     """
     import torch
 
+    from ivl.inference.chat import load_for_inference
     from ivl.inference.engine import Engine
-    from ivl.models.internvl import InternVL
-    from ivl.processing.processor import CONFIG_NAME as PROCESSOR_CONFIG
-    from ivl.processing.processor import Processor
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -258,13 +256,7 @@ def load_engine_predictor(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ConfigError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
-    model = InternVL.from_pretrained(model_dir, dtype=torch_dtype, device=device)
-    if (Path(model_dir) / PROCESSOR_CONFIG).is_file():
-        processor = Processor.from_pretrained(model_dir)
-    else:  # a bare checkpoint: tokenizer files + the model's own config
-        from ivl.processing.tokenizer import load_tokenizer
-
-        processor = Processor.from_config(load_tokenizer(model_dir), model.config)
+    model, processor = load_for_inference(model_dir, dtype=torch_dtype, device=device)
     return EnginePredictor(Engine(model, processor, max_batch_size=max_batch_size), processor)
 
 
