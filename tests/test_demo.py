@@ -24,7 +24,7 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "demo"
     threads = torch.get_num_threads()
     try:
-        report = run_demo(out, quick=True, progress=False)
+        report = run_demo(out, quick=True, progress=False, threads=1)  # one per xdist worker: no oversubscription
     finally:
         torch.set_num_threads(threads)
     return out, report
@@ -77,7 +77,7 @@ def test_quick_mono_demo_learns_and_keeps_its_language_weights(tmp_path):
     """`ivl demo --model mono`: EViP S1.1 leaves every language weight and text-only logit bit-identical."""
     from ivl.demo import run_demo
 
-    report = run_demo(tmp_path / "mono", model="mono", quick=True, progress=False)
+    report = run_demo(tmp_path / "mono", model="mono", quick=True, progress=False, threads=1)
     s1_1 = report["frozen_weights"]["stage1"]
     assert s1_1["changed"] == [] and s1_1["text_logits_identical"] is True, s1_1
     assert report["frozen_weights"]["stage1_5"]["changed"] == []

@@ -219,19 +219,14 @@ def stage_recipe(
 
 
 def check_frozen_weights(
-    before: Path, after: Path, recipe: Any, tokenizer_dir: Path, world: Path, console: Any
+    before: Path, after: Path, recipe: Any, tokenizer: Any, text_ids: Sequence[int], console: Any
 ) -> dict[str, Any]:
     """Every weight the stage froze is bit-identical after it (and, when the whole language path was frozen,
-    so are text-only logits): the no-forgetting guarantee of Mono-InternVL's S1.1, checked on disk."""
-    from ivl.data.synthetic import read_records
-    from ivl.processing.tokenizer import load_tokenizer
+    so are the text-only logits of ``text_ids``): Mono-InternVL's no-forgetting guarantee, checked on disk."""
     from ivl.training.frozen_check import frozen_weights_report
     from ivl.training.stages import plan_for
     from ivl.training.trainer import internvl_token_ids
 
-    tokenizer = load_tokenizer(tokenizer_dir)
-    record = next(iter(read_records(world, "train")))
-    text_ids = tokenizer(captioned_question(record), add_special_tokens=False)["input_ids"]
     reinitialised = internvl_token_ids(tokenizer) if recipe.model.init_new_tokens else []
     report = frozen_weights_report(
         before,
@@ -391,9 +386,9 @@ def run_demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ivl.data.synthetic import VISION_TASKS, generate_world
+    from ivl.data.synthetic import VISION_TASKS, generate_world, read_records
     from ivl.inference.chat import load_for_inference
-    from ivl.processing.tokenizer import build_tokenizer
+    from ivl.processing.tokenizer import build_tokenizer, load_tokenizer
     from ivl.training.recipe import read_recipe_file
     from ivl.training.trainer import train
 
@@ -442,6 +437,8 @@ def run_demo(
         meta[stage] = write_stage_meta(world, out / "data", stage, plan.tiles, plan.mixture.get(stage, {}))
     losses: dict[str, dict[str, float]] = {}
     frozen: dict[str, dict[str, Any]] = {}
+    tokenizer = load_tokenizer(tokenizer_dir)  # a text-only probe for the frozen-weights check
+    probe_ids = tokenizer(captioned_question(read_records(world, "train")[0]), add_special_tokens=False)["input_ids"]
     previous: Path | None = None
     for stage in STAGES:
         recipe = stage_recipe(
@@ -461,7 +458,7 @@ def run_demo(
             "seconds": round(result.seconds, 1),
         }
         if previous is not None and stage != "stage2":
-            frozen[stage] = check_frozen_weights(previous, result.final_dir, recipe, tokenizer_dir, world, console)
+            frozen[stage] = check_frozen_weights(previous, result.final_dir, recipe, tokenizer, probe_ids, console)
         previous = result.final_dir
         t = mark(stage, t)
     assert previous is not None
