@@ -5,7 +5,7 @@ config) with a linear head on the task's labels, no LLM in the way, and prints h
 seen grow. It bounds what the demo can learn per image (docs/benchmarks.md, "Demo").
 
 Usage: .venv/bin/python bench/demo_vit_probe.py --world runs/demo/world --task shape [--layer-scale 0.1]
-       [--patch 14] [--steps 400] [--batch 32] [--lr 1e-3]
+       [--patch 14] [--layers 4] [--init-std 0.02] [--steps 400] [--batch 32] [--lr 1e-3]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--task", default="shape")
     parser.add_argument("--layer-scale", type=float, default=0.1, help="InternViT layer-scale init")
     parser.add_argument("--patch", type=int, default=14)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--init-std", type=float, default=0.02, help="N(0, std) init as in the demo; 0: torch default")
     parser.add_argument("--tile", type=int, default=56)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
@@ -56,10 +58,14 @@ def main() -> None:
     t_train = torch.tensor([classes.index(y) for y in y_train])
     t_test = torch.tensor([classes.index(y) if y in classes else -1 for y in y_test])
     config = VisionConfig(
-        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+        hidden_size=128, num_hidden_layers=args.layers, num_attention_heads=4, intermediate_size=512,
         image_size=args.tile, patch_size=args.patch, initializer_factor=args.layer_scale,
     )  # fmt: skip
     vit, head = InternViT(config), torch.nn.Linear(config.hidden_size, len(classes))
+    if args.init_std > 0:
+        from ivl.models.decoder import init_weights
+
+        init_weights(vit, std=args.init_std)
     optimizer = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=args.lr)
     print(f"{args.task}: {len(classes)} classes, {len(x_train)} train / {len(x_test)} test tiles, {config}")
     start = time.perf_counter()

@@ -326,6 +326,7 @@ def synth(
     tasks: str = typer.Option("", help="comma-separated subset of tasks (default: all)"),
     min_size: int = typer.Option(56, help="smallest long side of an image, px"),
     max_size: int = typer.Option(224, help="largest long side of an image, px"),
+    follow_ups: int = typer.Option(0, help="up to this many further questions per train record (same media)"),
     absolute_paths: bool = typer.Option(False, help="write absolute root/annotation paths in the meta files"),
     overwrite: bool = typer.Option(False, help="replace an existing synthetic world in --out"),
 ) -> None:
@@ -340,6 +341,7 @@ def synth(
         n_test=test,
         image_size_range=(min_size, max_size),
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] or None,
+        follow_ups=follow_ups,
         absolute_paths=absolute_paths,
         overwrite=overwrite,
     )

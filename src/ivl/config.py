@@ -39,6 +39,9 @@ class VisionConfig:
     num_channels: int = 3
     drop_path_rate: float = 0.0
     initializer_factor: float = 0.1
+    #: std of the N(0, std) init of a from-scratch encoder's matrices (official config key, default 0.02); a tiny
+    #: ViT with small patches learns spatial features far sooner from a wider init (docs/benchmarks.md, "Demo")
+    initializer_range: float = 0.02
 
     @property
     def head_dim(self) -> int:

@@ -49,6 +49,7 @@ class DemoSettings:
     image_size_range: tuple[int, int] = (56, 112)
     tasks: tuple[str, ...] | None = None  # None: every task of the synthetic world
     tiles: int = 1
+    follow_ups: int = 0  # measured: 2 follow-ups per train image (and 2,000 images) did not help (docs/benchmarks.md)
     steps: dict[str, int] = field(default_factory=dict)
     mixture: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
@@ -415,7 +416,8 @@ def run_demo(
     world = out / "world"
     summary = generate_world(
         world, seed=seed, n_train=plan.n_train, n_val=0, n_test=plan.n_test,
-        image_size_range=plan.image_size_range, tasks=plan.tasks, absolute_paths=True, overwrite=True,
+        image_size_range=plan.image_size_range, tasks=plan.tasks, follow_ups=plan.follow_ups,
+        absolute_paths=True, overwrite=True,
     )  # fmt: skip
     warmup_meta = write_warmup_data(world, out / "data")
     vocab = int(read_recipe_file(RECIPE_DIR / "lm_warmup.yaml")["model"]["config"]["text"]["vocab_size"])

@@ -276,3 +276,16 @@ def test_parse_dtype():
     assert configs.parse_dtype("torch.float16") is torch.float16
     with pytest.raises(CheckpointError, match="int4"):
         configs.parse_dtype("int4")
+
+
+def test_vision_initializer_range_round_trips_and_sets_the_init_std(tiny_config):
+    from ivl.models.internvl import InternVL
+
+    config = tiny_config("qwen2")
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, initializer_range=0.05))
+    official = configs.official_to_config(json.loads(configs.dump_json(configs.config_to_official(config))))
+    hf = configs.hf_to_config(json.loads(configs.dump_json(configs.config_to_hf(config))))
+    assert official.vision.initializer_range == hf.vision.initializer_range == 0.05
+    torch.manual_seed(0)
+    std = InternVL(official).vision_model.encoder.layers[0].mlp.fc1.weight.std().item()
+    assert std == pytest.approx(0.05, rel=0.1)

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import av
@@ -425,3 +426,68 @@ def test_cli_synth_writes_a_world(tmp_path: Path) -> None:
     world = json.loads((out / "world.json").read_text())
     assert world["seed"] == 2 and world["tasks"] == ["ocr", "text"]
     assert world["counts"] == {"train": {"ocr": 3, "text": 3}, "val": {"ocr": 1}, "test": {"ocr": 2}}
+
+
+# ---- follow-up questions ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_with_follow_ups(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth_follow") / "world"
+    generate_world(out, seed=3, n_train=N_TRAIN, n_val=N_VAL, n_test=N_TEST, follow_ups=2)
+    return out
+
+
+def test_follow_ups_keep_media_and_first_turn_and_leave_eval_splits_alone(
+    world: Path, world_with_follow_ups: Path
+) -> None:
+    plain, extended = _digest(world), _digest(world_with_follow_ups)
+    media = [k for k in plain if k.endswith((".png", ".mp4"))]
+    assert media and all(plain[k] == extended[k] for k in media)
+    for split in ("val", "test"):
+        assert read_records(world, split) == read_records(world_with_follow_ups, split)
+    before, after = read_records(world, "train"), read_records(world_with_follow_ups, "train")
+    assert [r["id"] for r in before] == [r["id"] for r in after]
+    turns = collections.Counter()
+    for old, new in zip(before, after, strict=True):
+        assert new["conversations"][:2] == old["conversations"] and new["answer"] == old["answer"]
+        n = len(new["conversations"])
+        assert n % 2 == 0 and 2 <= n <= 6
+        assert [t["from"] for t in new["conversations"]] == ["human", "gpt"] * (n // 2)
+        assert all("<image>" not in t["value"] and "<video>" not in t["value"] for t in new["conversations"][2:])
+        turns[new["task"]] += n // 2 - 1
+    # every task that can ask more about its media does so; OCR and text have nothing more to ask
+    assert all(turns[t] > 0 for t in ("colour", "shape", "count", "position", "grounding", "multi_image", "video"))
+    assert turns["ocr"] == turns["text"] == 0
+    assert json.loads((world_with_follow_ups / "world.json").read_text())["follow_ups"] == 2
+
+
+def test_follow_up_answers_follow_from_the_ground_truth(world_with_follow_ups: Path) -> None:
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    checked = collections.Counter()
+    for record in read_records(world_with_follow_ups, "train"):
+        conv, task, objects = record["conversations"], record["task"], record.get("objects")
+        for question, answer in zip(conv[2::2], conv[3::2], strict=True):
+            q, a = question["value"], answer["value"]
+            earlier = " ".join(t["value"] for t in conv[: conv.index(question)] if t["from"] == "human")
+            if task in ("colour", "shape", "count", "video"):
+                truth = objects[0] if objects else {"colour": record["colour"], "shape": record["shape"]}
+                asked = "colour" if "colour" in q else "shape"
+                assert a == truth[asked], record["id"]
+                assert a not in earlier.lower(), f"{record['id']}: the follow-up's answer is in an earlier question"
+            elif task == "position":
+                assert a == opposite[record["answer"]]
+                b_obj = objects[1]
+                assert f"the {b_obj['colour']} {b_obj['shape']} relative to" in q or q.startswith(
+                    f"Is the {b_obj['colour']} {b_obj['shape']}"
+                )
+            elif task == "grounding":
+                ref, box = a[a.index("<ref>") + 5 : a.index("</ref>")], parse_box(a)
+                match = [o for o in objects if f"the {o['colour']} {o['shape']}" == ref]
+                assert len(match) == 1 and match[0]["box"] == box and ref in q and ref != record["ref"]
+            elif task == "multi_image":
+                assert a != record["answer"] and a in ("Image-1", "Image-2")
+                other = objects[0 if a == "Image-1" else 1][0]["colour"]
+                assert re.search(rf"\b{other}\b", q)
+            checked[task] += 1
+    assert len(checked) == 7

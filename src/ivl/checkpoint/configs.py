@@ -161,6 +161,7 @@ def official_to_config(data: dict[str, Any], *, image_token_id: int | None = Non
         num_channels=int(vision_raw.get("num_channels", defaults.num_channels)),
         drop_path_rate=float(vision_raw.get("drop_path_rate", defaults.drop_path_rate)),
         initializer_factor=float(vision_raw.get("initializer_factor", defaults.initializer_factor)),
+        initializer_range=float(vision_raw.get("initializer_range", defaults.initializer_range)),
     )
     theta, scaling = _rope_from(llm)
     heads = int(_require(llm, "num_attention_heads", "llm_config"))
@@ -270,6 +271,7 @@ def _official_vision(vision: VisionConfig, dtype: str | None) -> dict[str, Any]:
         "dropout": 0.0,
         "attention_dropout": 0.0,
         "initializer_factor": vision.initializer_factor,
+        "initializer_range": vision.initializer_range,
     }
     if dtype is not None:
         out["torch_dtype"] = dtype
@@ -361,6 +363,7 @@ def _hf_plain_config(data: dict[str, Any]) -> InternVLConfig:
         num_channels=int(vision_raw.get("num_channels", defaults.num_channels)),
         drop_path_rate=float(vision_raw.get("drop_path_rate", 0.0)),
         initializer_factor=float(vision_raw.get("layer_scale_init_value", defaults.initializer_factor)),
+        initializer_range=float(vision_raw.get("initializer_range", defaults.initializer_range)),
     )
     theta, scaling = _rope_from(text_raw)
     heads = int(_require(text_raw, "num_attention_heads", "text_config"))
@@ -477,6 +480,7 @@ def config_to_hf(config: InternVLConfig, *, dtype: torch.dtype | str | None = No
         "patch_size": [vision.patch_size, vision.patch_size],
         "num_channels": vision.num_channels,
         "layer_scale_init_value": vision.initializer_factor,
+        "initializer_range": vision.initializer_range,
         "use_mean_pooling": True,
         "use_absolute_position_embeddings": True,
         "use_mask_token": False,

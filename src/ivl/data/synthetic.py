@@ -95,8 +95,14 @@ def _save_mp4(frames: list[Image.Image], path: Path, fps: int = VIDEO_FPS) -> No
         container.mux(stream.encode())
 
 
-def _record(split: str, task: str, index: int, sample: Sample, media_dir: Path) -> tuple[dict[str, Any], int]:
-    """Write the sample's media under ``media_dir`` and return its JSONL record and the number of files."""
+def _record(
+    split: str, task: str, index: int, sample: Sample, media_dir: Path, follow_ups: int = 0
+) -> tuple[dict[str, Any], int]:
+    """Write the sample's media under ``media_dir`` and return its JSONL record and the number of files.
+
+    Up to ``follow_ups`` of the sample's follow-up questions become further turns of the conversation; the
+    record's ``answer`` (what evaluation scores) stays the first turn's.
+    """
     stem = f"{index:06d}"
     record: dict[str, Any] = {"id": f"{split}/{task}/{stem}"}
     n_files = 0
@@ -117,6 +123,8 @@ def _record(split: str, task: str, index: int, sample: Sample, media_dir: Path) 
         record["image"] = names
         n_files = len(names)
     record["conversations"] = [{"from": "human", "value": sample.prompt}, {"from": "gpt", "value": sample.answer}]
+    for question, answer in sample.follow_ups[:follow_ups]:
+        record["conversations"] += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     record["task"] = task
     record["answer"] = sample.answer
     if sample.choices is not None:
@@ -163,17 +171,22 @@ def generate_world(
     image_size_range: tuple[int, int] = (56, 224),
     video_frames: tuple[int, int] = (4, 8),
     tasks: Iterable[str] | None = None,
+    follow_ups: int = 0,
     absolute_paths: bool = False,
     overwrite: bool = False,
 ) -> WorldSummary:
     """Generate train/val/test splits with ``n_*`` records **per task** (text-only warm-up task: train only).
 
-    ``image_size_range`` bounds the long side in pixels; images are square, 2:1 or 1:2. Files are written to a
-    temporary sibling directory and moved into place at the end, so a crash never leaves half a world.
+    ``image_size_range`` bounds the long side in pixels; images are square, 2:1 or 1:2. ``follow_ups``: at most
+    this many further question turns about the same media per **train** record (val/test keep one question,
+    so evaluation is unchanged); the media and first turn are the same whatever its value. Files are written
+    to a temporary sibling directory and moved into place at the end, so a crash never leaves half a world.
     """
     out_dir = Path(out_dir)
     counts_in = {"train": n_train, "val": n_val, "test": n_test}
     names = _check_args(counts_in, tuple(image_size_range), tuple(video_frames), tasks)
+    if isinstance(follow_ups, bool) or not isinstance(follow_ups, int) or follow_ups < 0:
+        raise ConfigError(f"follow_ups must be a non-negative integer, got {follow_ups!r}")
     _prepare_out_dir(out_dir, overwrite)
     opts = Options(size_range=tuple(image_size_range), video_frames=tuple(video_frames))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +209,8 @@ def generate_world(
                 lines, records = [], []
                 for i, label in enumerate(labels):
                     sample = generate(random.Random(f"ivl-synth/{seed}/{split}/{task}/{i}"), label, opts)
-                    record, files = _record(split, task, i, sample, media_dir)
+                    turns = follow_ups if split == "train" else 0
+                    record, files = _record(split, task, i, sample, media_dir, turns)
                     n_files += files
                     records.append(record)
                     lines.append(json.dumps(record, ensure_ascii=False))
@@ -228,6 +242,7 @@ def generate_world(
             "seed": seed,
             "image_size_range": list(image_size_range),
             "video_frames": list(video_frames),
+            "follow_ups": follow_ups,
             "tasks": names,
             "counts": counts,
             "chance": chance,

@@ -32,6 +32,7 @@ from ivl.data.synthetic_draw import (
 )
 
 DIRECTIONS_2D = ("left", "right", "above", "below")
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "up": "down", "down": "up"}
 MOTIONS = ("left", "right", "up", "down")
 COUNTS = tuple(str(n) for n in range(1, 7))
 IMAGE_CHOICES = ("Image-1", "Image-2")
@@ -55,6 +56,9 @@ class Sample:
     frames: list[Image.Image] = field(default_factory=list)
     choices: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: further (question, answer) turns about the same media whose answers the earlier turns do not give away:
+    #: one image (one ViT pass) then supervises several answers; the world writes them into train records only
+    follow_ups: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _objects(drawn: list[Drawn], size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -62,7 +66,18 @@ def _objects(drawn: list[Drawn], size: tuple[int, int]) -> list[dict[str, Any]]:
 
 
 def _ask(rng: random.Random, templates: tuple[str, ...], suffix: str, **names: str) -> str:
-    return rng.choice(templates).format(**names) + " " + suffix
+    return _ask_with(rng, templates, suffix, **names)[0]
+
+
+def _ask_with(rng: random.Random, templates: tuple[str, ...], suffix: str, **names: str) -> tuple[str, str]:
+    """The question and the template it came from (a follow-up may only ask what the template did not name)."""
+    template = rng.choice(templates)
+    return template.format(**names) + " " + suffix, template
+
+
+COLOUR_QUESTIONS = ("What colour is the {shape}?", "What is the colour of the {shape}?", "Which colour is the shape?")
+SHAPE_QUESTIONS = ("What shape is shown?", "What is the shape of the {colour} object?", "Which shape is in the image?")
+ONE_WORD = "Answer with one word."
 
 
 # ---- single image ------------------------------------------------------------------------------------------
@@ -74,9 +89,10 @@ def colour_task(rng: random.Random, label: str, opts: Options) -> Sample:
     shape = rng.choice(SHAPES)
     s = max(4, int(min(size) * rng.uniform(0.35, 0.7)))
     drawn = draw_shape(img, label, shape, *free_position(rng, size, s), s)
-    templates = ("What colour is the {shape}?", "What is the colour of the {shape}?", "Which colour is the shape?")
-    prompt = "<image>\n" + _ask(rng, templates, "Answer with one word.", shape=shape)
-    return Sample(prompt, label, [img], choices=list(COLOURS), extra={"objects": _objects([drawn], size)})
+    question, template = _ask_with(rng, COLOUR_QUESTIONS, ONE_WORD, shape=shape)
+    follow_ups = [] if "{shape}" in template else [(_ask(rng, SHAPE_QUESTIONS, ONE_WORD, colour=label), shape)]
+    extra = {"objects": _objects([drawn], size)}
+    return Sample("<image>\n" + question, label, [img], choices=list(COLOURS), extra=extra, follow_ups=follow_ups)
 
 
 def shape_task(rng: random.Random, label: str, opts: Options) -> Sample:
@@ -85,9 +101,10 @@ def shape_task(rng: random.Random, label: str, opts: Options) -> Sample:
     colour = rng.choice(tuple(COLOURS))
     s = max(6, int(min(size) * rng.uniform(0.35, 0.7)))
     drawn = draw_shape(img, colour, label, *free_position(rng, size, s), s)
-    templates = ("What shape is shown?", "What is the shape of the {colour} object?", "Which shape is in the image?")
-    prompt = "<image>\n" + _ask(rng, templates, "Answer with one word.", colour=colour)
-    return Sample(prompt, label, [img], choices=list(SHAPES), extra={"objects": _objects([drawn], size)})
+    question, template = _ask_with(rng, SHAPE_QUESTIONS, ONE_WORD, colour=colour)
+    follow_ups = [] if "{colour}" in template else [(_ask(rng, COLOUR_QUESTIONS, ONE_WORD, shape=label), colour)]
+    extra = {"objects": _objects([drawn], size)}
+    return Sample("<image>\n" + question, label, [img], choices=list(SHAPES), extra=extra, follow_ups=follow_ups)
 
 
 def count_task(rng: random.Random, label: str, opts: Options) -> Sample:
@@ -96,8 +113,14 @@ def count_task(rng: random.Random, label: str, opts: Options) -> Sample:
     colour, shape = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
     drawn = [draw_shape(img, colour, shape, x, y, s) for x, y, s in cell_layout(rng, size, int(label), same_size=True)]
     templates = ("How many {plural} are there?", "How many {colour} {plural} are in the image?", "Count the shapes.")
-    prompt = "<image>\n" + _ask(rng, templates, "Answer with a number.", colour=colour, plural=PLURALS[shape])
-    return Sample(prompt, label, [img], choices=list(COUNTS), extra={"objects": _objects(drawn, size)})
+    question, template = _ask_with(rng, templates, "Answer with a number.", colour=colour, plural=PLURALS[shape])
+    follow_ups = []
+    if "{plural}" not in template:
+        follow_ups.append(("Which shape is in the image? " + ONE_WORD, shape))
+    if "{colour}" not in template:
+        follow_ups.append(("Which colour is the shape? " + ONE_WORD, colour))
+    extra = {"objects": _objects(drawn, size)}
+    return Sample("<image>\n" + question, label, [img], choices=list(COUNTS), extra=extra, follow_ups=follow_ups)
 
 
 def _two_along_axis(rng: random.Random, length: int, across: int, s: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -135,8 +158,12 @@ def position_task(rng: random.Random, label: str, opts: Options) -> Sample:
         "Where is the {ca} {sa} relative to the {cb} {sb}?",
         "Is the {ca} {sa} left of, right of, above or below the {cb} {sb}?",
     )
-    prompt = "<image>\n" + _ask(rng, templates, "Answer left, right, above or below.", ca=ca, sa=sa, cb=cb, sb=sb)
-    return Sample(prompt, label, [img], choices=list(DIRECTIONS_2D), extra={"objects": _objects([a, b], size)})
+    suffix = "Answer left, right, above or below."
+    prompt = "<image>\n" + _ask(rng, templates, suffix, ca=ca, sa=sa, cb=cb, sb=sb)
+    # the converse question: the same two objects, the other way round
+    converse = (_ask(rng, templates, suffix, ca=cb, sa=sb, cb=ca, sb=sa), OPPOSITE[label])
+    extra = {"objects": _objects([a, b], size)}
+    return Sample(prompt, label, [img], choices=list(DIRECTIONS_2D), extra=extra, follow_ups=[converse])
 
 
 def box_answer(ref: str, box: list[int]) -> str:
@@ -159,7 +186,13 @@ def grounding_task(rng: random.Random, label: str, opts: Options) -> Sample:
         "Where is <ref>{ref}</ref>? Answer with a bounding box.",
     )
     prompt = "<image>\n" + rng.choice(templates).format(ref=ref)
-    return Sample(prompt, box_answer(ref, box), [img], extra={"ref": ref, "box": box, "objects": _objects(drawn, size)})
+    follow_ups = []
+    for other in drawn[1:]:  # the other objects have other colours, so each reference is unambiguous
+        other_ref = f"the {other.colour} {other.shape}"
+        other_box = box_answer(other_ref, norm_box(other.box, size))
+        follow_ups.append((rng.choice(templates).format(ref=other_ref), other_box))
+    extra = {"ref": ref, "box": box, "objects": _objects(drawn, size)}
+    return Sample(prompt, box_answer(ref, box), [img], extra=extra, follow_ups=follow_ups)
 
 
 def ocr_task(rng: random.Random, label: str, opts: Options) -> Sample:
@@ -189,7 +222,10 @@ def multi_image_task(rng: random.Random, label: str, opts: Options) -> Sample:
     templates = ("Which image shows a {colour} shape?", "In which image is the shape {colour}?")
     question = _ask(rng, templates, "Answer Image-1 or Image-2.", colour=colours[0])
     prompt = "Image-1: <image>\nImage-2: <image>\n" + question
-    return Sample(prompt, label, images, choices=list(IMAGE_CHOICES), extra={"objects": objects, "sizes": sizes})
+    other = IMAGE_CHOICES[1 - IMAGE_CHOICES.index(label)]
+    follow_ups = [(_ask(rng, templates, "Answer Image-1 or Image-2.", colour=colours[1]), other)]
+    extra = {"objects": objects, "sizes": sizes}
+    return Sample(prompt, label, images, choices=list(IMAGE_CHOICES), extra=extra, follow_ups=follow_ups)
 
 
 def video_task(rng: random.Random, label: str, opts: Options) -> Sample:
@@ -214,9 +250,12 @@ def video_task(rng: random.Random, label: str, opts: Options) -> Sample:
         boxes.append(norm_box(draw_shape(frame, colour, shape, x, y, s).box, size))
         frames.append(frame)
     templates = ("Which way does the {colour} {shape} move?", "In which direction is the {shape} moving?")
-    prompt = "<video>\n" + _ask(rng, templates, "Answer left, right, up or down.", colour=colour, shape=shape)
+    question, template = _ask_with(rng, templates, "Answer left, right, up or down.", colour=colour, shape=shape)
+    follow_ups = [] if "{colour}" in template else [(_ask(rng, COLOUR_QUESTIONS, ONE_WORD, shape=shape), colour)]
     extra = {"num_frames": n, "boxes": boxes, "colour": colour, "shape": shape}
-    return Sample(prompt, label, frames=frames, choices=list(MOTIONS), extra=extra)
+    return Sample(
+        "<video>\n" + question, label, frames=frames, choices=list(MOTIONS), extra=extra, follow_ups=follow_ups
+    )
 
 
 def text_facts() -> list[tuple[str, str, tuple[str, ...]]]:
@@ -225,8 +264,7 @@ def text_facts() -> list[tuple[str, str, tuple[str, ...]]]:
     facts = [(f"Is {c} a colour or a shape?", "colour", kinds) for c in COLOURS]
     facts += [(f"Is {s} a colour or a shape?", "shape", kinds) for s in SHAPES]
     facts += [(f"What number comes after {n}?", str(n + 1), COUNTS) for n in range(1, 6)]
-    opposite = {"left": "right", "right": "left", "above": "below", "below": "above", "up": "down", "down": "up"}
-    facts += [(f"What is the opposite of {a}?", b, tuple(opposite)) for a, b in opposite.items()]
+    facts += [(f"What is the opposite of {a}?", b, tuple(OPPOSITE)) for a, b in OPPOSITE.items()]
     facts += [(f"What is the plural of {s}?", PLURALS[s], tuple(PLURALS.values())) for s in SHAPES]
     facts += [(f"Repeat the word {w}.", w, WORDS) for w in WORDS]
     return facts

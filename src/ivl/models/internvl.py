@@ -30,7 +30,7 @@ class InternVL(nn.Module):
         self.mlp1 = Projector(config.connector_in_features, config.text.hidden_size)
         self.language_model = CausalLM(config.text)
         init_weights(self.mlp1)
-        init_weights(self.vision_model)
+        init_weights(self.vision_model, std=config.vision.initializer_range)
 
     # ---------------------------------------------------------------------------------------------- images
 
