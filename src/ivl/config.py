@@ -151,8 +151,15 @@ class InternVLConfig:
     def validate(self) -> InternVLConfig:
         self.vision.validate()
         self.text.validate()
-        if self.downsample_ratio != 0.5:
-            raise ConfigError(f"downsample_ratio {self.downsample_ratio} is not supported (InternVL uses 0.5)")
+        # released models use 0.5; 1/k for other integers k is the same unshuffle (the official code allows it)
+        factor = round(1 / self.downsample_ratio) if self.downsample_ratio > 0 else 0
+        if factor < 2 or abs(factor * self.downsample_ratio - 1) > 1e-9:
+            raise ConfigError(
+                f"downsample_ratio {self.downsample_ratio} is not 1/k for an integer k >= 2 (InternVL uses 0.5)"
+            )
+        grid = self.image_size // self.vision.patch_size
+        if grid % factor:
+            raise ConfigError(f"a {grid}x{grid} patch grid does not divide by 1/downsample_ratio = {factor}")
         if self.ps_version != "v2":
             raise ConfigError(f"ps_version {self.ps_version!r} is not supported (InternVL-2.5 uses v2)")
         if not 0 <= self.image_token_id < self.text.vocab_size:

@@ -205,7 +205,9 @@ def stage_recipe(
         model = {"tokenizer": str(tokenizer), "seed": seed, "config": {"system_message": SYSTEM_MESSAGE}}
         if mono:
             model["config"].update(
-                vision={"model_type": "intern_vit_patch"},
+                # the encoder-free stem keeps 14 px patches and the standard unshuffle (measured that way)
+                vision={"model_type": "intern_vit_patch", "patch_size": 14, "initializer_range": 0.02},
+                downsample_ratio=0.5,
                 text={"flavour": "internlm2", "visual_experts": True, "attention_bias": False},
                 template="internlm2-chat",
             )

@@ -253,3 +253,24 @@ def test_dummy_tiles_keep_the_vision_tower_in_the_graph():
     for name, param in model.vision_model.named_parameters():
         assert param.grad is not None, name
         assert torch.count_nonzero(param.grad) == 0, name
+
+
+def test_other_downsample_ratios_unshuffle_to_fewer_tokens_and_bad_ones_are_refused():
+    """1/k unshuffles k×k patches into one token (the official code allows any such k; released models use 2)."""
+    import dataclasses
+
+    from ivl.errors import ConfigError
+
+    base = get_preset("tiny")
+    config = dataclasses.replace(
+        base, vision=dataclasses.replace(base.vision, patch_size=7), downsample_ratio=0.25, force_image_size=56
+    )
+    model = InternVL(config)
+    assert config.num_image_token == 4 and config.connector_in_features == 16 * config.vision.hidden_size
+    features = model.encode_images(torch.randn(2, 3, 56, 56))
+    assert features.shape == (2, 4, config.text.hidden_size)
+    for ratio in (0.3, 1.0):
+        with pytest.raises(ConfigError, match="downsample_ratio"):
+            dataclasses.replace(base, downsample_ratio=ratio).validate()
+    with pytest.raises(ConfigError, match="does not divide"):  # 56 px / 14 px = 4 patches: not divisible by 8
+        dataclasses.replace(base, downsample_ratio=0.125).validate()
