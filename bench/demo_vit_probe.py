@@ -38,7 +38,12 @@ def main() -> None:
     parser.add_argument("--layer-scale", type=float, default=0.1, help="InternViT layer-scale init")
     parser.add_argument("--patch", type=int, default=14)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--init-std", type=float, default=0.02, help="N(0, std) init as in the demo; 0: torch default")
+    parser.add_argument(
+        "--init-std",
+        type=float,
+        default=0.02,
+        help="N(0, std) init (ivl from scratch: 0.02, the demo ViT: 0.05); 0: torch default",
+    )
     parser.add_argument("--tile", type=int, default=56)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
