@@ -72,27 +72,29 @@ class FakeOpenAI:
                 try:
                     time.sleep(fake.delay_s)
                     status, text = fake.reply_for(body["messages"][-1]["content"])
-                    if status == 200:
-                        payload = {
-                            "id": "x",
-                            "object": "chat.completion",
-                            "choices": [
-                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                            ],
-                        }
-                    else:
-                        payload = {"error": {"message": text}}
-                    data = json.dumps(payload).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    self.wfile.write(data)
                 finally:
+                    # counted out before the reply is written: once its last byte arrives the client may send
+                    # its next request, which must not find this one still counted (max_in_flight stays a bound)
                     with fake.lock:
                         fake.in_flight -= 1
+                if status == 200:
+                    payload = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                    }
+                else:
+                    payload = {"error": {"message": text}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(data)
 
         return Handler
 

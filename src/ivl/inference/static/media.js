@@ -55,6 +55,23 @@ export function frameTimes(duration, count) {
   return Array.from({ length: count }, (_, i) => (i + 0.5) * segment);
 }
 
+/**
+ * Resolves once `video` presents its next frame (or after `timeoutMs`). Chrome may fire "seeked" before the
+ * sought frame replaces the old one, and drawing then copies the previous frame; registered before the seek
+ * (the element is paused, so the next frame presented is the sought one), this waits for the right one.
+ * Browsers without frame callbacks resolve at once.
+ */
+function nextFramePresented(video, timeoutMs = 500) {
+  if (typeof video.requestVideoFrameCallback !== "function") return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, timeoutMs);
+    video.requestVideoFrameCallback(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
 /** Sample `count` frames of a video file; returns {frames: [dataUrl], width, height, duration}. */
 export async function sampleVideo(file, count) {
   const url = URL.createObjectURL(file);
@@ -77,8 +94,10 @@ export async function sampleVideo(file, count) {
     const frames = [];
     for (const time of frameTimes(duration, count)) {
       const seeked = once(video, "seeked", `${file.name}: cannot seek to ${time.toFixed(2)} s`);
+      const presented = nextFramePresented(video);
       video.currentTime = time;
       await seeked;
+      await presented;
       ctx.drawImage(video, 0, 0, canvas.width, canvas.height);
       frames.push(canvas.toDataURL("image/jpeg", 0.9));
     }
