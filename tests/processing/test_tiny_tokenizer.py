@@ -44,6 +44,18 @@ def test_round_trip_and_determinism(tmp_path, flavour):
         assert loaded.decode(loaded(text, add_special_tokens=False).input_ids) == text  # byte-level: lossless
 
 
+@pytest.mark.parametrize("flavour", ["qwen2", "internlm2"])
+def test_numbers_are_spelled_digit_by_digit(tmp_path, flavour):
+    # a corpus full of the same coordinates: a plain byte-level BPE merges them into tokens like "Ġ1000"
+    box = "<box>[[38, 0, 1000, 1000]]</box>"
+    build_tokenizer([f"the red circle {box}"] * 50, flavour=flavour, save_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    pieces = tok.convert_ids_to_tokens(tok(box, add_special_tokens=False).input_ids)
+    digits = [p.removeprefix("Ġ") for p in pieces if any(c.isdigit() for c in p)]
+    assert digits == list("38") + ["0"] + list("1000") * 2  # as Qwen2's pre-tokenizer splits them
+    assert tok.decode(tok(box, add_special_tokens=False).input_ids) == box
+
+
 def test_internlm2_flavour_adds_bos(tmp_path):
     tok = build_tokenizer(flavour="internlm2", save_dir=tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
