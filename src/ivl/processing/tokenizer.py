@@ -39,7 +39,8 @@ DEFAULT_VOCAB_SIZE = 507
 
 #: Qwen2's pre-tokenizer split (its tokenizer.json): words, single digits, punctuation runs, newlines, spaces.
 #: Single digits matter for grounding: a box is spelled digit by digit from ten tokens, never from merges
-#: such as ``Ġ1000`` that a small BPE would otherwise learn for the commonest coordinates.
+#: such as ``Ġ1000`` that a small BPE would otherwise learn for the commonest coordinates. Both flavours use it
+#: (the InternLM2 flavour is a byte-level BPE here as well, not the real SentencePiece model).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
