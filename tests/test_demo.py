@@ -56,10 +56,16 @@ def test_quick_demo_trains_learns_and_keeps_frozen_weights(tmp_path):
     assert colour["accuracy"] >= colour["chance"] + 0.4, colour  # chance is 1/6
     assert colour["blind"] <= colour["chance"] + 0.25, colour
 
-    # the freeze plans held on disk
-    assert set(report["frozen_weights"]) == {"stage1", "stage1_5"}
+    # the freeze plans held on disk; the ViT pre-training moved the ViT alone (LLM outputs bit-identical)
+    assert set(report["frozen_weights"]) == {"vision_pretrain", "stage1", "stage1_5"}
     for stage, check in report["frozen_weights"].items():
         assert check["frozen_tensors"] > 0 and check["changed"] == [], (stage, check)
+    assert report["frozen_weights"]["vision_pretrain"]["text_logits_identical"] is True
+    pretrained = report["losses"]["vision_pretrain"]
+    assert pretrained["held_out_accuracy"]["colour"] >= 0.5, pretrained  # 6 colours: chance 1/6
+    assert (out / "vision_pretrain" / "metrics.jsonl").is_file() and (
+        out / "vision_pretrain" / "loss_curve.png"
+    ).is_file()
 
 
 @pytest.mark.slow
@@ -75,3 +81,41 @@ def test_quick_mono_demo_learns_and_keeps_its_language_weights(tmp_path):
     colour = report["tasks"]["colour"]
     assert colour["accuracy"] >= colour["chance"] + 0.4, colour
     assert detect_layout(tmp_path / "mono" / "stage2" / "final") == "official"
+
+
+def test_vit_pretraining_labels_agree_with_each_task_answer(tmp_path):
+    """Every labelled image of the world gets attributes that agree with its record's ground truth."""
+    from ivl.data.synthetic import generate_world, read_records
+    from ivl.demo import image_attributes, labelled_tiles
+
+    world = tmp_path / "world"
+    generate_world(world, seed=3, n_train=12, n_val=0, n_test=0, image_size_range=(56, 80), absolute_paths=True)
+    expected_images = 0
+    for record in read_records(world, "train"):
+        labels = image_attributes(record)
+        task, answer = record["task"], record["answer"]
+        if task in ("video", "text"):
+            assert labels == []
+            continue
+        expected_images += len(labels)
+        if task == "ocr":
+            (label,) = labels
+            assert label["word"] == answer and set(label["patch_shape"]) == {"background", "text"}
+        elif task == "multi_image":
+            shown = [label["colour"] for label in labels]
+            asked = record["conversations"][0]["value"]
+            assert [colour in asked for colour in shown].count(True) >= 1 and all(lb["count"] == "1" for lb in labels)
+            assert shown[int(answer[-1]) - 1] in asked
+        else:
+            (label,) = labels
+            assert label["count"] == str(len(record["objects"]))
+            if task in ("colour", "shape", "count"):
+                assert label[{"colour": "colour", "shape": "shape", "count": "count"}[task]] == answer
+            if task == "position":
+                assert "colour" not in label  # two objects of different colours: no single colour
+            # every object covers at least one patch centre of the 8 x 8 grid, with its own colour and shape
+            covered = set(zip(label["patch_colour"], label["patch_shape"], strict=True)) - {("background",) * 2}
+            assert covered == {(o["colour"], o["shape"]) for o in record["objects"]}, record["id"]
+    tiles = labelled_tiles(world, "train", image_size=56, patch_size=7)
+    assert len(tiles) == expected_images and tiles.pixel_values.shape[1:] == (3, 56, 56)
+    assert tiles.labels["patch_colour"].shape == (expected_images, 64) and tiles.labels["colour"].ndim == 1

@@ -1,13 +1,16 @@
 """`ivl demo`: the whole pipeline on a tiny model, on CPU, in one command.
 
     synthetic world → BPE tokenizer (InternVL special tokens included) → LM warm-up on the world's text
-    → Stage 1 (mlp1) → Stage 1.5 (ViT + mlp1) → Stage 2 (everything), packed with square loss weighting
+    → ViT pre-training on the world's labelled images → Stage 1 (mlp1) → Stage 1.5 (ViT + mlp1)
+    → Stage 2 (everything), packed with square loss weighting
     → held-out evaluation per task, and again with blank images (the blind baseline must stay near chance)
     → a grounding answer drawn on its image, a chat answer through the user-facing ``chat`` API
     → ``report.json`` and the final checkpoint in the official layout.
 
-Every stage is an ordinary recipe (``recipes/demo/*.yaml``) run by the ordinary trainer, each starting from the
-previous stage's official-layout checkpoint; the demo only fills in paths and, for ``--quick``, step counts.
+The LM warm-up and the ViT pre-training stand in for the pre-trained LLM and InternViT that the real recipe
+starts from. Every InternVL stage is an ordinary recipe (``recipes/demo/*.yaml``) run by the ordinary trainer,
+each starting from the previous stage's official-layout checkpoint; the demo only fills in paths and, for
+``--quick``, step counts.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ SYSTEM_MESSAGE = "You are a tiny InternVL."
 
 
 @dataclass
+class VisionPretrainSettings:
+    """ViT pre-training on the world's labelled images (measured choices: docs/benchmarks.md, "Demo")."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2.0e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+
+
+@dataclass
 class DemoSettings:
     """Sizes of one demo run. ``steps`` override the recipes' ``train.max_steps`` when given.
 
@@ -41,7 +55,9 @@ class DemoSettings:
     tile keeps every image in 4 tokens: the fewer image tokens, the sooner the tiny LLM learns to read them).
     ``mixture``: per stage, a ``repeat_time`` per task (0 leaves the task out). Grounding answers are ~20
     supervised tokens of hard-to-guess coordinates, so under square weighting they would dominate the
-    gradient of the alignment stages; they join in Stage 2, down-weighted.
+    gradient of the alignment stages; they join in Stage 2, down-weighted. With a pre-trained ViT every other
+    task can be aligned from Stage 1 on. ``mono_mixture``: the encoder-free model's (its patch stem starts random, so its Stage 1
+    keeps to what random features can serve: colour, shape, count).
     """
 
     n_train: int = 1000
@@ -53,12 +69,22 @@ class DemoSettings:
     steps: dict[str, int] = field(default_factory=dict)
     mixture: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
+            "stage1": {"grounding": 0.0},
+            "stage1_5": {"grounding": 0.0},
+            "stage2": {"grounding": 0.25},
+        }
+    )
+    mono_mixture: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {
             "stage1": {task: 0.0 for task in ("grounding", "position", "ocr", "multi_image", "video")},
             "stage1_5": {"grounding": 0.0},
             "stage2": {"grounding": 0.25},
         }
     )
     eval_batch_size: int = 64
+    #: ViT pre-training (``ivl.training.vision_pretrain``) before Stage 1; 0 steps skips it. The encoder-free
+    #: Mono-InternVL has no ViT to pre-train: its patch stem learns in the EViP stages.
+    vision_pretrain: VisionPretrainSettings = field(default_factory=VisionPretrainSettings)
 
 
 FULL = DemoSettings()
@@ -67,6 +93,7 @@ QUICK = DemoSettings(
     n_test=30,
     tasks=("colour", "text"),
     steps={"lm_warmup": 200, "stage1": 150, "stage1_5": 20, "stage2": 150},
+    vision_pretrain=VisionPretrainSettings(steps=60),
 )
 
 
@@ -114,6 +141,130 @@ def describe(record: dict[str, Any]) -> list[str] | None:
     if task == "video":
         return [f"a {record['colour']} {record['shape']} moving {record['answer']}"]
     return None
+
+
+BACKGROUND, TEXT = "background", "text"
+
+
+def attribute_classes() -> dict[str, list[str]]:
+    """The attributes the ViT pre-training predicts and their classes (``patch_*``: one label per patch)."""
+    from ivl.data.synthetic_draw import COLOURS, SHAPES, WORDS
+    from ivl.data.synthetic_tasks import COUNTS
+
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "count": list(COUNTS),
+        "word": list(WORDS),
+        "patch_colour": [BACKGROUND, *COLOURS, TEXT],
+        "patch_shape": [BACKGROUND, *SHAPES, TEXT],
+    }
+
+
+def image_attributes(record: dict[str, Any], grid: int = 8) -> list[dict[str, Any]]:
+    """Ground-truth attributes of each image of a record (the ViT pre-training labels), from its objects.
+
+    ``count`` is the number of objects in the image; ``colour``/``shape`` are given where every object shares
+    them. ``patch_colour``/``patch_shape`` label each cell of a ``grid`` × ``grid`` patch grid over the whole
+    image with what covers the cell's centre (an object, the rendered word, or background). Video frames and
+    text records give none (a frame shows what a colour/shape image shows).
+    """
+    task, objects = record.get("task"), record.get("objects")
+    if task == "ocr":
+        cells = _cells_inside(record["text_box"], grid)
+        return [{"word": record["answer"], **_patch_labels([(cells, TEXT, TEXT)], grid)}]
+    if task == "multi_image":
+        return [_object_attributes(group, grid) for group in objects]
+    if task in ("colour", "shape", "count", "position", "grounding"):
+        return [_object_attributes(objects, grid)]
+    return []
+
+
+def _cells_inside(box: Sequence[float], grid: int) -> set[int]:
+    """Patch cells (row-major) whose centre lies inside a 0-1000 box; for a box smaller than a cell that holds
+    no cell centre, the cell under the box's centre (every object is labelled somewhere)."""
+    x1, y1, x2, y2 = box
+    centre = [(i + 0.5) * 1000 / grid for i in range(grid)]
+    cells = {r * grid + c for r, y in enumerate(centre) for c, x in enumerate(centre) if x1 <= x < x2 and y1 <= y < y2}
+    if not cells:
+        column = min(grid - 1, int((x1 + x2) / 2 * grid / 1000))
+        row = min(grid - 1, int((y1 + y2) / 2 * grid / 1000))
+        cells = {row * grid + column}
+    return cells
+
+
+def _patch_labels(regions: Sequence[tuple[set[int], str, str]], grid: int) -> dict[str, list[str]]:
+    colour, shape = [BACKGROUND] * grid * grid, [BACKGROUND] * grid * grid
+    for cells, c, s in regions:
+        for cell in cells:
+            colour[cell], shape[cell] = c, s
+    return {"patch_colour": colour, "patch_shape": shape}
+
+
+def _object_attributes(objects: Sequence[dict[str, Any]], grid: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"count": str(len(objects))}
+    for key in ("colour", "shape"):
+        values = {o[key] for o in objects}
+        if len(values) == 1:
+            out[key] = values.pop()
+    out.update(_patch_labels([(_cells_inside(o["box"], grid), o["colour"], o["shape"]) for o in objects], grid))
+    return out
+
+
+def labelled_tiles(world: Path, split: str, image_size: int, patch_size: int) -> Any:
+    """Every image of ``split`` with attributes, as one tile each (the whole image, as the thumbnail is)."""
+    from PIL import Image
+
+    from ivl.data.synthetic import read_records
+    from ivl.processing.tiling import dynamic_tiles, normalize_tiled
+    from ivl.training.vision_pretrain import LabelledTiles
+
+    grid = image_size // patch_size
+    tiles, attributes = [], []
+    for record in read_records(world, split):
+        images = record.get("image")
+        names = [images] if isinstance(images, str) else list(images or [])
+        labels = image_attributes(record, grid)
+        if len(labels) != len(names):
+            continue  # video and text records: no labelled image
+        for name, attrs in zip(names, labels, strict=True):
+            path = Path(name) if Path(name).is_absolute() else world / split / record["task"] / name
+            with Image.open(path) as image:
+                tiles.append(dynamic_tiles(image.convert("RGB"), max_num=1, image_size=image_size))
+            attributes.append(attrs)
+    return LabelledTiles.build(normalize_tiled(tiles), attributes, attribute_classes(), num_patches=grid * grid)
+
+
+def pretrain_vit(
+    previous: Path, world: Path, out_dir: Path, settings: VisionPretrainSettings, *, seed: int, progress: bool, log: Any
+) -> tuple[Path, dict[str, Any]]:
+    """ViT pre-training on the world's labelled train images; only the vision tower changes."""
+    from ivl.inference.chat import load_for_inference
+    from ivl.training.distributed import DistInfo
+    from ivl.training.trainer import save_final_model
+    from ivl.training.vision_pretrain import pretrain_vision
+
+    model, processor = load_for_inference(previous, dtype=torch.float32)
+    vision = model.config.vision
+    train_tiles = labelled_tiles(world, "train", vision.image_size, vision.patch_size)
+    held_out = labelled_tiles(world, "test", vision.image_size, vision.patch_size)
+    result = pretrain_vision(
+        model.vision_model, train_tiles, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+        weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, seed=seed, held_out=held_out,
+        out_dir=out_dir, progress=progress, log=log,
+    )  # fmt: skip
+    final = save_final_model(model.eval(), processor, out_dir / "final", DistInfo())
+    assert final is not None
+    k = max(1, len(result.losses) // 10)
+    summary = {
+        "first": sum(result.losses[:k]) / k,
+        "last": sum(result.losses[-k:]) / k,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "tiles": len(train_tiles),
+        "held_out_accuracy": result.accuracy,
+    }
+    return final, summary
 
 
 def captioned_question(record: dict[str, Any]) -> str:
@@ -222,30 +373,39 @@ def stage_recipe(
 
 
 def check_frozen_weights(
-    before: Path, after: Path, recipe: Any, tokenizer: Any, text_ids: Sequence[int], console: Any
+    before: Path,
+    after: Path,
+    name: str,
+    plan: Any,
+    text_ids: Sequence[int],
+    console: Any,
+    reinitialised: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Every weight the stage froze is bit-identical after it (and, when the whole language path was frozen,
-    so are the text-only logits of ``text_ids``): Mono-InternVL's no-forgetting guarantee, checked on disk."""
+    """Every weight ``plan`` froze is bit-identical after the stage (and, when the whole language path was
+    frozen, so are the text-only logits of ``text_ids``): Mono-InternVL's no-forgetting guarantee, on disk."""
     from ivl.training.frozen_check import frozen_weights_report
-    from ivl.training.stages import plan_for
-    from ivl.training.trainer import internvl_token_ids
 
-    reinitialised = internvl_token_ids(tokenizer) if recipe.model.init_new_tokens else []
-    report = frozen_weights_report(
-        before,
-        after,
-        plan_for(recipe.stage.name, **recipe.stage.plan_overrides()),
-        reinitialised_output_rows=reinitialised,
-        text_ids=text_ids,
-    )
+    report = frozen_weights_report(before, after, plan, reinitialised_output_rows=reinitialised, text_ids=text_ids)
     ok = not report["changed"] and report["text_logits_identical"] is not False
     logits = {None: "", True: "; text-only logits bit-identical", False: "; text-only logits CHANGED"}
     colour = "green" if ok else "red"
     console.print(
-        f"[{colour}]{recipe.stage.name}: {report['frozen_tensors']} frozen tensors, "
+        f"[{colour}]{name}: {report['frozen_tensors']} frozen tensors, "
         f"{len(report['changed'])} changed{logits[report['text_logits_identical']]}[/{colour}]"
     )
     return report
+
+
+def check_recipe_freeze(
+    before: Path, after: Path, recipe: Any, tokenizer: Any, text_ids: Sequence[int], console: Any
+) -> dict[str, Any]:
+    """`check_frozen_weights` for a recipe stage: its freeze plan, and the new-token rows it re-initialised."""
+    from ivl.training.stages import plan_for
+    from ivl.training.trainer import internvl_token_ids
+
+    reinitialised = internvl_token_ids(tokenizer) if recipe.model.init_new_tokens else []
+    plan = plan_for(recipe.stage.name, **recipe.stage.plan_overrides())
+    return check_frozen_weights(before, after, recipe.stage.name, plan, text_ids, console, reinitialised)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,6 +553,7 @@ def run_demo(
     from ivl.inference.chat import load_for_inference
     from ivl.processing.tokenizer import build_tokenizer, load_tokenizer
     from ivl.training.recipe import read_recipe_file
+    from ivl.training.stages import FreezePlan
     from ivl.training.trainer import train
 
     if model not in ("internvl", "mono"):
@@ -438,7 +599,8 @@ def run_demo(
     # ---- 2. LM warm-up, Stage 1, Stage 1.5, Stage 2
     meta = {"lm_warmup": warmup_meta}
     for stage in STAGES[1:]:
-        meta[stage] = write_stage_meta(world, out / "data", stage, plan.tiles, plan.mixture.get(stage, {}))
+        mixture = (plan.mono_mixture if mono else plan.mixture).get(stage, {})
+        meta[stage] = write_stage_meta(world, out / "data", stage, plan.tiles, mixture)
     losses: dict[str, dict[str, float]] = {}
     frozen: dict[str, dict[str, Any]] = {}
     tokenizer = load_tokenizer(tokenizer_dir)  # a text-only probe for the frozen-weights check
@@ -462,9 +624,25 @@ def run_demo(
             "seconds": round(result.seconds, 1),
         }
         if previous is not None and stage != "stage2":
-            frozen[stage] = check_frozen_weights(previous, result.final_dir, recipe, tokenizer, probe_ids, console)
+            frozen[stage] = check_recipe_freeze(previous, result.final_dir, recipe, tokenizer, probe_ids, console)
         previous = result.final_dir
         t = mark(stage, t)
+        if stage == "lm_warmup" and not mono and plan.vision_pretrain.steps > 0:
+            console.rule(f"vision_pretrain: ViT only, {plan.vision_pretrain.steps} steps")
+            pretrained, losses["vision_pretrain"] = pretrain_vit(
+                previous, world, out / "vision_pretrain", plan.vision_pretrain,
+                seed=seed, progress=progress, log=console.print,
+            )  # fmt: skip
+            frozen["vision_pretrain"] = check_frozen_weights(
+                previous,
+                pretrained,
+                "vision_pretrain",
+                FreezePlan(vision=True, mlp=False, llm=False),
+                probe_ids,
+                console,
+            )
+            previous = pretrained
+            t = mark("vision_pretrain", t)
     assert previous is not None
 
     # ---- 3. evaluation (with images and blind), grounding picture, chat

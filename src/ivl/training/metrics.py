@@ -152,7 +152,8 @@ class ProgressBar:
         )
         self._progress.start()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, tiles_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float | None, tiles_per_s: float) -> None:
+        """``tokens_per_s`` None: a run without tokens (vision pre-training) shows "-"."""
         if self._progress is None:
             return
         self._progress.update(
@@ -160,7 +161,7 @@ class ProgressBar:
             completed=step,
             loss=f"{loss:.4f}",
             lr=f"{lr:.2e}",
-            tok=f"{tokens_per_s:,.0f}",
+            tok="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
             tiles=f"{tiles_per_s:,.1f}",
         )
 
