@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ivl.data.synthetic_drills import multi_image_drills, object_caption
 from ivl.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "demo"
@@ -40,7 +41,7 @@ SYSTEM_MESSAGE = "You are a tiny InternVL."
 class VisionPretrainSettings:
     """ViT pre-training on the world's labelled images (measured choices: docs/benchmarks.md, "Demo")."""
 
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 2.0e-3
     weight_decay: float = 0.01
@@ -66,6 +67,8 @@ class DemoSettings:
     tasks: tuple[str, ...] | None = None  # None: every task of the synthetic world
     tiles: int = 1
     follow_ups: int = 0  # measured: 2 follow-ups per train image (and 2,000 images) did not help (docs/benchmarks.md)
+    #: generated multi-image lookups in the LM warm-up's text (``ivl.data.synthetic_drills``)
+    warmup_drills: int = 20_000
     steps: dict[str, int] = field(default_factory=dict)
     mixture: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
@@ -92,6 +95,7 @@ QUICK = DemoSettings(
     n_train=200,
     n_test=30,
     tasks=("colour", "text"),
+    warmup_drills=0,
     steps={"lm_warmup": 200, "stage1": 150, "stage1_5": 20, "stage2": 150},
     vision_pretrain=VisionPretrainSettings(steps=60),
 )
@@ -123,7 +127,7 @@ def describe(record: dict[str, Any]) -> list[str] | None:
     """
     task, objects = record.get("task"), record.get("objects")
     if task in ("colour", "shape"):
-        return [f"a {objects[0]['colour']} {objects[0]['shape']}"]
+        return [object_caption(objects[0]["colour"], objects[0]["shape"])]
     if task == "count":
         first = objects[0]
         noun = _PLURALS[first["shape"]] if len(objects) > 1 else first["shape"]
@@ -137,7 +141,7 @@ def describe(record: dict[str, Any]) -> list[str] | None:
     if task == "ocr":
         return [f"the word {record['answer']}"]
     if task == "multi_image":
-        return [f"a {group[0]['colour']} {group[0]['shape']}" for group in objects]
+        return [object_caption(group[0]["colour"], group[0]["shape"]) for group in objects]
     if task == "video":
         return [f"a {record['colour']} {record['shape']} moving {record['answer']}"]
     return None
@@ -279,20 +283,26 @@ def captioned_question(record: dict[str, Any]) -> str:
     return question
 
 
-def write_warmup_data(world: Path, out_dir: Path) -> Path:
-    """Text-only records for the LM warm-up: every train question with its media described in words."""
+def write_warmup_data(world: Path, out_dir: Path, drills: int = 0, seed: int = 0) -> Path:
+    """Text-only records for the LM warm-up: every train question with its media described in words, plus
+    ``drills`` generated multi-image lookups (``ivl.data.synthetic_drills``) as a second dataset."""
     from ivl.data.synthetic import read_records
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
+    datasets = {"world_text": []}
     for record in read_records(world, "train"):
         turns = [{"from": "human", "value": captioned_question(record)}, *record["conversations"][1:]]
-        lines.append(json.dumps({"id": record["id"], "conversations": turns}, ensure_ascii=False))
-    annotation = out_dir / "warmup.jsonl"
-    annotation.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        datasets["world_text"].append({"id": record["id"], "conversations": turns})
+    if drills:
+        datasets["multi_image_drills"] = multi_image_drills(drills, seed)
+    entries = {}
+    for name, records in datasets.items():
+        annotation = out_dir / f"warmup_{name}.jsonl"
+        lines = [json.dumps(record, ensure_ascii=False) for record in records]
+        annotation.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        entries[name] = {"annotation": str(annotation.resolve()), "length": len(lines)}
     meta = out_dir / "warmup_meta.json"
-    entry = {"world_text": {"annotation": str(annotation.resolve()), "length": len(lines)}}
-    meta.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    meta.write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
     return meta
 
 
@@ -582,7 +592,7 @@ def run_demo(
         image_size_range=plan.image_size_range, tasks=plan.tasks, follow_ups=plan.follow_ups,
         absolute_paths=True, overwrite=True,
     )  # fmt: skip
-    warmup_meta = write_warmup_data(world, out / "data")
+    warmup_meta = write_warmup_data(world, out / "data", drills=plan.warmup_drills, seed=seed)
     vocab = int(read_recipe_file(RECIPE_DIR / "lm_warmup.yaml")["model"]["config"]["text"]["vocab_size"])
     tokenizer_dir = out / "tokenizer"
     build_tokenizer(

@@ -163,6 +163,7 @@ def test_gradient_accumulation_is_exact(mode):
 
 
 def _rank_main(rank, world, init_file, out_dir, mode):
+    torch.set_num_threads(1)  # two ranks on a loaded 2-core machine: no oversubscription
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -193,7 +194,8 @@ def test_two_ranks_equal_one_rank_full_batch():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, mode), nprocs=2, join=True)
         results = [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
+    # all-reduce sums in another order than one process does: a few float32 ulps, far below a wrong normaliser
     for res in results:
-        torch.testing.assert_close(res["loss"], ref_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(res["loss"], ref_loss, atol=1e-6, rtol=1e-5)
         for g, r in zip(res["grads"], ref_grads, strict=True):
-            torch.testing.assert_close(g, r, atol=1e-6, rtol=0)
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)

@@ -208,6 +208,10 @@ def ocr_task(rng: random.Random, label: str, opts: Options) -> Sample:
 # ---- two images, video, text --------------------------------------------------------------------------------
 
 
+MULTI_IMAGE_QUESTIONS = ("Which image shows a {colour} shape?", "In which image is the shape {colour}?")
+MULTI_IMAGE_SUFFIX = "Answer Image-1 or Image-2."
+
+
 def multi_image_task(rng: random.Random, label: str, opts: Options) -> Sample:
     colours = rng.sample(tuple(COLOURS), 2)  # colours[0] is the one asked about
     order = colours if label == "Image-1" else colours[::-1]
@@ -219,11 +223,10 @@ def multi_image_task(rng: random.Random, label: str, opts: Options) -> Sample:
         objects.append(_objects([draw_shape(img, colour, rng.choice(SHAPES), *free_position(rng, size, s), s)], size))
         images.append(img)
         sizes.append(list(size))
-    templates = ("Which image shows a {colour} shape?", "In which image is the shape {colour}?")
-    question = _ask(rng, templates, "Answer Image-1 or Image-2.", colour=colours[0])
+    question = _ask(rng, MULTI_IMAGE_QUESTIONS, MULTI_IMAGE_SUFFIX, colour=colours[0])
     prompt = "Image-1: <image>\nImage-2: <image>\n" + question
     other = IMAGE_CHOICES[1 - IMAGE_CHOICES.index(label)]
-    follow_ups = [(_ask(rng, templates, "Answer Image-1 or Image-2.", colour=colours[1]), other)]
+    follow_ups = [(_ask(rng, MULTI_IMAGE_QUESTIONS, MULTI_IMAGE_SUFFIX, colour=colours[1]), other)]
     extra = {"objects": objects, "sizes": sizes}
     return Sample(prompt, label, images, choices=list(IMAGE_CHOICES), extra=extra, follow_ups=follow_ups)
 

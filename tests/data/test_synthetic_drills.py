@@ -1,0 +1,73 @@
+"""The LM warm-up's generated multi-image lookups: right answers, balanced, seeded, in the world's wording."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ivl.data.synthetic_draw import COLOURS
+from ivl.data.synthetic_drills import multi_image_drills, object_caption
+from ivl.data.synthetic_tasks import MULTI_IMAGE_QUESTIONS
+
+PROMPT = re.compile(r"^Image-1: <img>a (\w+) (\w+)</img>\nImage-2: <img>a (\w+) (\w+)</img>\n(.+)$", re.S)
+
+
+def _asked_colour(question: str) -> str:
+    """The one palette colour the question names, after checking it is in the world's wording."""
+    named = [c for c in COLOURS if re.search(rf"\b{c}\b", question)]
+    assert len(named) == 1, question
+    assert any(question.startswith(t.format(colour=named[0])) for t in MULTI_IMAGE_QUESTIONS), question
+    return named[0]
+
+
+def test_drill_answers_name_the_image_with_the_asked_colour():
+    records = multi_image_drills(200, seed=0)
+    assert len(records) == 200 and len({r["id"] for r in records}) == 200
+    answers = []
+    for record in records:
+        human, gpt = record["conversations"]
+        match = PROMPT.match(human["value"])
+        assert match, human["value"]
+        first, second, question = match.group(1), match.group(3), match.group(5)
+        assert first != second and {first, second} <= set(COLOURS)
+        asked = _asked_colour(question)
+        assert question.endswith("Answer Image-1 or Image-2.")
+        assert gpt["value"] == ("Image-1" if asked == first else "Image-2")
+        answers.append(gpt["value"])
+    assert answers.count("Image-1") == answers.count("Image-2") == 100
+
+
+def test_drills_are_seeded():
+    assert multi_image_drills(20, seed=3) == multi_image_drills(20, seed=3)
+    assert multi_image_drills(20, seed=3) != multi_image_drills(20, seed=4)
+    assert multi_image_drills(0, seed=0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        multi_image_drills(-1, seed=0)
+
+
+def test_caption_is_what_the_warm_up_describes_an_image_with():
+    from ivl.demo import describe
+
+    record = {"task": "colour", "objects": [{"colour": "red", "shape": "circle", "box": [0, 0, 10, 10]}]}
+    assert describe(record) == [object_caption("red", "circle")] == ["a red circle"]
+
+
+def test_warmup_meta_lists_world_text_and_drills(tmp_path):
+    from ivl.data.synthetic import generate_world
+    from ivl.demo import write_warmup_data
+
+    world = tmp_path / "world"
+    generate_world(world, seed=0, n_train=4, n_val=0, n_test=1, tasks=("colour", "multi_image"), overwrite=True)
+    meta = json.loads(write_warmup_data(world, tmp_path / "data", drills=10, seed=0).read_text())
+    assert set(meta) == {"world_text", "multi_image_drills"}
+    assert meta["multi_image_drills"]["length"] == 10
+    for entry in meta.values():
+        lines = Path(entry["annotation"]).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == entry["length"]
+    world_lines = Path(meta["world_text"]["annotation"]).read_text(encoding="utf-8").splitlines()
+    assert all("<image>" not in line for line in world_lines) and any("<img>a " in line for line in world_lines)
+    only_world = json.loads(write_warmup_data(world, tmp_path / "data2").read_text())
+    assert set(only_world) == {"world_text"}
