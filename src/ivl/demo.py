@@ -143,7 +143,7 @@ def describe(record: dict[str, Any]) -> list[str] | None:
     if task == "multi_image":
         return [object_caption(group[0]["colour"], group[0]["shape"]) for group in objects]
     if task == "video":
-        return [f"a {record['colour']} {record['shape']} moving {record['answer']}"]
+        return [f"{object_caption(record['colour'], record['shape'])} moving {record['answer']}"]
     return None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ivl.data.synthetic_draw import COLOURS, SHAPES
 from ivl.data.synthetic_tasks import IMAGE_CHOICES, MULTI_IMAGE_QUESTIONS, MULTI_IMAGE_SUFFIX
+from ivl.errors import ConfigError
 
 
 def object_caption(colour: str, shape: str) -> str:
@@ -24,7 +25,7 @@ def object_caption(colour: str, shape: str) -> str:
 def multi_image_drills(n: int, seed: int) -> list[dict[str, Any]]:
     """``n`` text-only records in the world's conversation format, answers balanced over Image-1 / Image-2."""
     if n < 0:
-        raise ValueError(f"multi_image_drills: n must be >= 0, got {n}")
+        raise ConfigError(f"multi_image_drills: n must be >= 0, got {n}")
     rng = random.Random(f"multi_image_drills/{seed}")
     records = []
     for i in range(n):
