@@ -253,6 +253,30 @@ def test_many_with_per_image_budgets_and_threads():
     assert normalize_tiled(serial).shape[0] == sum(t.num_tiles for t in serial)
 
 
+def test_default_uses_the_pool_only_when_the_work_pays_for_the_hand_off(monkeypatch):
+    """Small frames are resized inline (a pool hand-off costs more than their resize); big photos in parallel."""
+    import ivl.processing.tiling as tiling
+
+    submitted = []
+    real_pool = tiling.worker_pool
+
+    class CountingPool:
+        def submit(self, fn, *args):
+            submitted.append(args[1])
+            return real_pool().submit(fn, *args)
+
+    monkeypatch.setattr(tiling, "worker_pool", CountingPool)
+    frames = [Image.new("RGB", (112, 56), (10 * k, 0, 0)) for k in range(8)]
+    small = dynamic_tiles_many(frames, max_num=1, image_size=56)
+    assert submitted == [] and len(small) == 8
+    photos = [Image.new("RGB", (1000, 800)), Image.new("RGB", (800, 1000))]
+    big = dynamic_tiles_many(photos, max_num=6, image_size=448)
+    assert len(submitted) == sum(1 + (t.thumbnail is not None) for t in big) == 4  # grid + thumbnail of each
+    serial = dynamic_tiles_many(photos, max_num=6, image_size=448, parallel=False)
+    for a, b in zip(big, serial, strict=True):
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+
+
 def _tile_counts() -> list[int]:
     images = [Image.new("RGB", (900, 500)), Image.new("RGB", (300, 700))]
     return [t.num_tiles for t in dynamic_tiles_many(images, parallel=True)]

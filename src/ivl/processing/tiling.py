@@ -151,6 +151,12 @@ def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+#: Below this much resize work (`_resize_cost`, about one 448 px tile's) a batch is resized inline: handing a
+#: job to the pool costs ~0.1 ms, more than resizing a small image (8 video frames of 112 x 56 px to 56 px
+#: tiles: 0.56 ms inline, 0.99 ms on the pool; docs/benchmarks.md, "Preprocessing").
+MIN_PARALLEL_COST = 2.0e6
+
+
 def _resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     # Pillow's default filter for RGB, like the official `img.resize(...)`; same-size returns a copy.
     return np.asarray(image.resize(size, Image.Resampling.BICUBIC))
@@ -211,7 +217,8 @@ def _start_resizes(
         if plan.thumbnail:
             requests.append((index, 1, (plan.image_size, plan.image_size)))
     if parallel is None:
-        parallel = len(requests) > 1
+        cost = sum(_resize_cost(images[index].size, size) for index, _, size in requests)
+        parallel = len(requests) > 1 and cost >= MIN_PARALLEL_COST
     if parallel:  # longest jobs first, so a big photo does not finish alone at the end of a batch
         requests.sort(key=lambda r: -_resize_cost(images[r[0]].size, r[2]))
     for image in images:
@@ -246,7 +253,8 @@ def dynamic_tiles_many(
 ) -> list[TiledImage]:
     """`dynamic_tiles` for several images at once; per-image ``min_num``/``max_num`` may be given as lists.
 
-    ``parallel=None`` runs the resizes on the shared thread pool when there is more than one to do.
+    ``parallel=None`` runs the resizes on the shared thread pool when there is more than one to do and they
+    add up to more than a small image's work (``MIN_PARALLEL_COST``).
     """
     mins, maxs = _as_lists(len(images), min_num, max_num)
     rgb = [_as_rgb(image) for image in images]
