@@ -366,9 +366,10 @@ def stage_recipe(
         model = {"tokenizer": str(tokenizer), "seed": seed, "config": {"system_message": SYSTEM_MESSAGE}}
         if mono:
             model["config"].update(
-                # the encoder-free stem keeps 14 px patches and the standard unshuffle (measured that way)
-                vision={"model_type": "intern_vit_patch", "patch_size": 14, "initializer_range": 0.02},
-                downsample_ratio=0.5,
+                # the modular ViT's 7 px patches, wider init and 4 x 4 unshuffle (4 tokens per tile): the stem learns
+                # shape and count faster than with 14 px patches at 0.02 (docs/benchmarks.md, "Mono-InternVL variant")
+                vision={"model_type": "intern_vit_patch", "patch_size": 7, "initializer_range": 0.05},
+                downsample_ratio=0.25,
                 text={"flavour": "internlm2", "visual_experts": True, "attention_bias": False},
                 template="internlm2-chat",
             )
