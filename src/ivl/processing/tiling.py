@@ -153,7 +153,7 @@ def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
 
 #: Below this much resize work (`_resize_cost`, about one 448 px tile's) a batch is resized inline: handing a
 #: job to the pool costs ~0.1 ms, more than resizing a small image (8 video frames of 112 x 56 px to 56 px
-#: tiles: 0.56 ms inline, 0.99 ms on the pool; docs/benchmarks.md, "Preprocessing").
+#: tiles: 0.57 ms inline, 0.72 ms on the pool; docs/benchmarks.md, "Preprocessing").
 MIN_PARALLEL_COST = 2.0e6
 
 
