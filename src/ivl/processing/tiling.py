@@ -216,11 +216,11 @@ def _start_resizes(
         requests.append((index, 0, (cols * plan.image_size, rows * plan.image_size)))
         if plan.thumbnail:
             requests.append((index, 1, (plan.image_size, plan.image_size)))
+    costs = {(index, slot): _resize_cost(images[index].size, size) for index, slot, size in requests}
     if parallel is None:
-        cost = sum(_resize_cost(images[index].size, size) for index, _, size in requests)
-        parallel = len(requests) > 1 and cost >= MIN_PARALLEL_COST
+        parallel = len(requests) > 1 and sum(costs.values()) >= MIN_PARALLEL_COST
     if parallel:  # longest jobs first, so a big photo does not finish alone at the end of a batch
-        requests.sort(key=lambda r: -_resize_cost(images[r[0]].size, r[2]))
+        requests.sort(key=lambda r: -costs[r[0], r[1]])
     for image in images:
         image.load()  # a lazily opened file must be decoded once, before threads share it
     jobs: list[list[Future | _Done | None]] = [[None, None] for _ in plans]
