@@ -307,15 +307,15 @@ def write_warmup_data(world: Path, out_dir: Path, drills: int = 0, seed: int = 0
     return meta
 
 
-def tokenizer_corpus(world: Path, n_records: int) -> list[str]:
-    """The world's questions and answers, plus the chat frame every sample carries (role names and the
-    system message) at the frequency it is trained with. Real vocabularies hold ``system``/``user``/
-    ``assistant`` as single tokens; without the frame in its corpus a tiny BPE spells it out in 43 byte-ish
-    tokens, 60 % of a typical demo sample, and every training step would pay for that."""
+def tokenizer_corpus(world: Path, n_train_records: int) -> list[str]:
+    """The world's train questions and answers (never the test split's), plus the chat frame every sample
+    carries (role names and the system message) at the frequency it is trained with. Real vocabularies hold
+    ``system``/``user``/``assistant`` as single tokens; without the frame in its corpus a tiny BPE spells it
+    out in 43 byte-ish tokens, 60 % of a typical demo sample, and every training step would pay for that."""
     from ivl.data.synthetic import corpus_texts
 
     frame = [f"system\n{SYSTEM_MESSAGE}", "user\n", "assistant\n"]
-    return [*corpus_texts(world), *(frame * n_records)]
+    return [*corpus_texts(world, ("train",)), *(frame * n_train_records)]
 
 
 def write_stage_meta(world: Path, out_dir: Path, stage: str, tiles: int, mixture: dict[str, float]) -> Path:
@@ -598,7 +598,7 @@ def run_demo(
     vocab = int(read_recipe_file(RECIPE_DIR / "lm_warmup.yaml")["model"]["config"]["text"]["vocab_size"])
     tokenizer_dir = out / "tokenizer"
     build_tokenizer(
-        tokenizer_corpus(world, summary.n_records),
+        tokenizer_corpus(world, sum(summary.counts["train"].values())),
         vocab_size=vocab,
         flavour="internlm2" if mono else "qwen2",
         save_dir=tokenizer_dir,

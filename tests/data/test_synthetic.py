@@ -376,7 +376,14 @@ def test_corpus_texts_cover_questions_and_answers(world: Path) -> None:
     assert "<image>" not in joined and "<video>" not in joined
     assert all(w in joined for w in WORDS) and all(c in joined for c in COLOURS)
     assert "Image-1:" in joined and "<box>[[" in joined and "What number comes after 3?" in joined
-    assert len(texts) == 2 * sum(len(read_records(world, s)) for s in ("train", "val", "test"))
+    assert len(texts) == 2 * len(read_records(world, "train"))  # held-out text stays out of a tokenizer's corpus
+    everything = corpus_texts(world, ("train", "val", "test"))
+    assert len(everything) == 2 * sum(len(read_records(world, s)) for s in ("train", "val", "test"))
+    test_questions = {r["conversations"][0]["value"].replace("<image>", "").replace("<video>", "").strip()
+                      for r in read_records(world, "test")}  # fmt: skip
+    assert test_questions and test_questions <= set(everything)
+    with pytest.raises(ConfigError, match="unknown splits"):
+        corpus_texts(world, ("tset",))
 
 
 def test_bad_arguments_raise_typed_errors(tmp_path: Path) -> None:

@@ -279,15 +279,19 @@ def read_records(out_dir: str | os.PathLike[str], split: str, task: str | None =
     return records
 
 
-def corpus_texts(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Every question and answer of a world, media placeholders removed: the corpus to train a tokenizer on.
+def corpus_texts(out_dir: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
+    """Every question and answer of a world's ``splits``, media placeholders removed: the corpus to train a
+    tokenizer on. Only the train split by default: a tokenizer fitted on held-out text carries its statistics.
 
     ``Image-k:`` labels, ``<ref>``/``<box>`` markup and the text-only facts stay in, since the model must
     read and write them.
     """
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise ConfigError(f"corpus_texts: unknown splits {unknown}; the world's splits are {list(SPLITS)}")
     out_dir = Path(out_dir)
     texts = []
-    for split in SPLITS:
+    for split in splits:
         if not (out_dir / split).is_dir():
             continue
         for record in read_records(out_dir, split):
