@@ -384,6 +384,9 @@ def test_corpus_texts_cover_questions_and_answers(world: Path) -> None:
     assert test_questions and test_questions <= set(everything)
     with pytest.raises(ConfigError, match="unknown splits"):
         corpus_texts(world, ("tset",))
+    assert corpus_texts(world, "train") == texts  # one split may be named bare
+    with pytest.raises(ConfigError, match=r"unknown splits \['tset'\]"):
+        corpus_texts(world, "tset")
 
 
 def test_bad_arguments_raise_typed_errors(tmp_path: Path) -> None:

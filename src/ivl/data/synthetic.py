@@ -279,13 +279,14 @@ def read_records(out_dir: str | os.PathLike[str], split: str, task: str | None =
     return records
 
 
-def corpus_texts(out_dir: str | os.PathLike[str], splits: Sequence[str] = ("train",)) -> list[str]:
+def corpus_texts(out_dir: str | os.PathLike[str], splits: str | Sequence[str] = ("train",)) -> list[str]:
     """Every question and answer of a world's ``splits``, media placeholders removed: the corpus to train a
     tokenizer on. Only the train split by default: a tokenizer fitted on held-out text carries its statistics.
 
     ``Image-k:`` labels, ``<ref>``/``<box>`` markup and the text-only facts stay in, since the model must
     read and write them.
     """
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
     unknown = [split for split in splits if split not in SPLITS]
     if unknown:
         raise ConfigError(f"corpus_texts: unknown splits {unknown}; the world's splits are {list(SPLITS)}")
