@@ -116,6 +116,68 @@ def test_vit_pretraining_labels_agree_with_each_task_answer(tmp_path):
             # every object covers at least one patch centre of the 8 x 8 grid, with its own colour and shape
             covered = set(zip(label["patch_colour"], label["patch_shape"], strict=True)) - {("background",) * 2}
             assert covered == {(o["colour"], o["shape"]) for o in record["objects"]}, record["id"]
-    tiles = labelled_tiles(world, "train", image_size=56, patch_size=7)
+    tiles = labelled_tiles(world, "train", image_size=56, patch_size=7, box_bins=20)
     assert len(tiles) == expected_images and tiles.pixel_values.shape[1:] == (3, 56, 56)
     assert tiles.labels["patch_colour"].shape == (expected_images, 64) and tiles.labels["colour"].ndim == 1
+    # a patch has a box label exactly where an object (not background, not the word) covers it
+    covered = (tiles.labels["patch_colour"] > 0) & (tiles.labels["patch_shape"] < len(tiles.classes["patch_shape"]) - 1)
+    assert torch.equal(tiles.labels["patch_x1"] >= 0, covered)
+    assert bool((tiles.labels["patch_x1"][covered] <= tiles.labels["patch_x2"][covered]).all())
+
+
+def test_patch_box_labels_give_each_covered_patch_its_objects_binned_box():
+    """Hand-computed: on a 4 x 4 grid (cell centres at 125, 375, 625, 875), a box [0, 0, 499, 260] covers the
+    centres of cells 0 and 1; in 10 bins of 100 its coordinates fall in bins 0, 0, 4, 2. Background and the
+    rendered word carry no box; without bins there are no box attributes."""
+    from ivl.demo import PATCH_BOX, attribute_classes, image_attributes
+
+    record = {"task": "colour", "objects": [{"colour": "red", "shape": "circle", "box": [0, 0, 499, 260]}]}
+    (label,) = image_attributes(record, grid=4, box_bins=10)
+    expected = {"patch_x1": "0", "patch_y1": "0", "patch_x2": "4", "patch_y2": "2"}
+    for name, bin_ in expected.items():
+        assert label[name] == [bin_, bin_] + [None] * 14
+    assert label["patch_colour"][:3] == ["red", "red", "background"]
+    (plain,) = image_attributes(record, grid=4)
+    assert not set(PATCH_BOX) & set(plain) and not set(PATCH_BOX) & set(attribute_classes())
+    assert attribute_classes(10)["patch_x2"] == [str(i) for i in range(10)]
+    # a box edge at 1000 falls in the last bin, not past it
+    record["objects"][0]["box"] = [500, 500, 1000, 1000]
+    (edge,) = image_attributes(record, grid=4, box_bins=10)
+    assert edge["patch_x2"][15] == "9" and edge["patch_x1"][15] == "5"
+    ocr = {"task": "ocr", "answer": "cat", "text_box": [0, 0, 1000, 1000]}
+    (word,) = image_attributes(ocr, grid=4, box_bins=10)
+    assert word["patch_x1"] == [None] * 16 and set(word["patch_colour"]) == {"text"}
+
+
+@pytest.mark.slow
+def test_warmup_candidates_train_side_by_side_and_the_best_goes_on(tmp_path):
+    """Two LM warm-ups (seeds 0 and 1) run in parallel processes; each is scored on held-out drills, the
+    better one is the checkpoint the next stage starts from, and the report lists both."""
+    from ivl.demo import DemoSettings, VisionPretrainSettings, run_demo
+
+    settings = DemoSettings(
+        n_train=20, n_test=6, tasks=("colour", "multi_image"), warmup_drills=60, warmup_candidates=2,
+        steps={"lm_warmup": 8, "stage1": 4, "stage1_5": 2, "stage2": 4},
+        vision_pretrain=VisionPretrainSettings(steps=4, batch_size=8),
+    )  # fmt: skip
+    out = tmp_path / "demo"
+    report = run_demo(out, settings=settings, progress=False, threads=2)
+    _check_report(out, report)
+    tried = report["warmup_candidates"]
+    assert [c["seed"] for c in tried] == [0, 1] and all(0.0 <= c["drill_accuracy"] <= 1.0 for c in tried)
+    best = max(tried, key=lambda c: c["drill_accuracy"])
+    for c in tried:
+        assert (out / "lm_warmup_candidates" / f"seed{c['seed']}" / "lm_warmup" / "final").is_dir()
+    assert report["losses"]["lm_warmup"]["steps"] == 8
+    # the ViT pre-training started from the chosen candidate: its LLM weights are that candidate's
+    from safetensors.torch import load_file
+
+    def llm_weights(path):
+        tensors = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(shard).items() if k.startswith("language_model.")})
+        return tensors
+
+    chosen = llm_weights(out / "lm_warmup_candidates" / f"seed{best['seed']}" / "lm_warmup" / "final")
+    after = llm_weights(out / "vision_pretrain" / "final")
+    assert chosen and chosen.keys() == after.keys() and all(torch.equal(chosen[k], after[k]) for k in chosen)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ivl.data.synthetic_drills import multi_image_drills, object_caption
+from ivl.demo_warmup import VALIDATION_DRILL_SEED, warm_up_candidates
 from ivl.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "demo"
@@ -41,11 +42,16 @@ SYSTEM_MESSAGE = "You are a tiny InternVL."
 class VisionPretrainSettings:
     """ViT pre-training on the world's labelled images (measured choices: docs/benchmarks.md, "Demo")."""
 
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 2.0e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    #: bins per coordinate of the per-patch object-box labels (0: none). Without them the image tokens say where
+    #: an object is inside their own 4 x 4 patch block but not where that block is, which attention (values carry
+    #: no position) cannot recover: a probe reads a lone object's box from its token at Acc@IoU>=0.5 0.18 without,
+    #: 0.74 with (docs/benchmarks.md, session 13).
+    box_bins: int = 20
 
 
 @dataclass
@@ -56,8 +62,10 @@ class DemoSettings:
     tile keeps every image in 4 tokens: the fewer image tokens, the sooner the tiny LLM learns to read them).
     ``mixture``: per stage, a ``repeat_time`` per task (0 leaves the task out). Grounding answers are ~20
     supervised tokens of hard-to-guess coordinates, so under square weighting they would dominate the
-    gradient of the alignment stages; they join in Stage 2, down-weighted. With a pre-trained ViT every other
-    task can be aligned from Stage 1 on. ``mono_mixture``: the encoder-free model's (its patch stem starts random, so its Stage 1
+    gradient of the alignment stages; they join in Stage 2, three times over: emitting boxes is learnt from many
+    of them (grounding alone, 600 vs 2,000 steps: Acc@0.5 0.21 vs 0.42), and colour and video, learnt early,
+    make room at 0.5 (a video costs 8 tiles). With a pre-trained ViT every other task can be aligned from Stage
+    1 on. ``mono_mixture``: the encoder-free model's (its patch stem starts random, so its Stage 1
     keeps to what random features can serve: colour, shape, count).
     """
 
@@ -70,12 +78,15 @@ class DemoSettings:
     follow_ups: int = 0  # measured: 2 follow-ups per train image (and 2,000 images) did not help (docs/benchmarks.md)
     #: generated multi-image lookups in the LM warm-up's text (``ivl.data.synthetic_drills``)
     warmup_drills: int = 20_000
+    #: LM warm-ups trained side by side from seeds ``seed``, ``seed + 1``, …; the one answering most held-out
+    #: drills goes on (``ivl.demo_warmup``). Needs warm-up drills and a thread per candidate, else one runs.
+    warmup_candidates: int = 2
     steps: dict[str, int] = field(default_factory=dict)
     mixture: dict[str, dict[str, float]] = field(
         default_factory=lambda: {
             "stage1": {"grounding": 0.0},
             "stage1_5": {"grounding": 0.0},
-            "stage2": {"grounding": 0.25},
+            "stage2": {"grounding": 3.0, "colour": 0.5, "video": 0.5},
         }
     )
     mono_mixture: dict[str, dict[str, float]] = field(
@@ -97,6 +108,7 @@ QUICK = DemoSettings(
     n_test=30,
     tasks=("colour", "text"),
     warmup_drills=0,
+    warmup_candidates=1,
     steps={"lm_warmup": 200, "stage1": 150, "stage1_5": 20, "stage2": 150},
     vision_pretrain=VisionPretrainSettings(steps=60),
 )
@@ -151,8 +163,12 @@ def describe(record: dict[str, Any]) -> list[str] | None:
 BACKGROUND, TEXT = "background", "text"
 
 
-def attribute_classes() -> dict[str, list[str]]:
-    """The attributes the ViT pre-training predicts and their classes (``patch_*``: one label per patch)."""
+PATCH_BOX = ("patch_x1", "patch_y1", "patch_x2", "patch_y2")
+
+
+def attribute_classes(box_bins: int = 0) -> dict[str, list[str]]:
+    """The attributes the ViT pre-training predicts and their classes (``patch_*``: one label per patch);
+    ``box_bins`` > 0 adds the covering object's box, one coordinate per attribute, in that many bins."""
     from ivl.data.synthetic_draw import COLOURS, SHAPES, WORDS
     from ivl.data.synthetic_tasks import COUNTS
 
@@ -163,25 +179,27 @@ def attribute_classes() -> dict[str, list[str]]:
         "word": list(WORDS),
         "patch_colour": [BACKGROUND, *COLOURS, TEXT],
         "patch_shape": [BACKGROUND, *SHAPES, TEXT],
+        **{name: [str(i) for i in range(box_bins)] for name in (PATCH_BOX if box_bins > 0 else ())},
     }
 
 
-def image_attributes(record: dict[str, Any], grid: int = 8) -> list[dict[str, Any]]:
+def image_attributes(record: dict[str, Any], grid: int = 8, box_bins: int = 0) -> list[dict[str, Any]]:
     """Ground-truth attributes of each image of a record (the ViT pre-training labels), from its objects.
 
     ``count`` is the number of objects in the image; ``colour``/``shape`` are given where every object shares
     them. ``patch_colour``/``patch_shape`` label each cell of a ``grid`` × ``grid`` patch grid over the whole
-    image with what covers the cell's centre (an object, the rendered word, or background). Video frames and
-    text records give none (a frame shows what a colour/shape image shows).
+    image with what covers the cell's centre (an object, the rendered word, or background); with ``box_bins``,
+    ``patch_x1``…``patch_y2`` give a cell covered by an object that object's 0-1000 box, binned (unlabelled
+    elsewhere). Video frames and text records give none (a frame shows what a colour/shape image shows).
     """
     task, objects = record.get("task"), record.get("objects")
     if task == "ocr":
         cells = _cells_inside(record["text_box"], grid)
-        return [{"word": record["answer"], **_patch_labels([(cells, TEXT, TEXT)], grid)}]
+        return [{"word": record["answer"], **_patch_labels([(cells, TEXT, TEXT, None)], grid, box_bins)}]
     if task == "multi_image":
-        return [_object_attributes(group, grid) for group in objects]
+        return [_object_attributes(group, grid, box_bins) for group in objects]
     if task in ("colour", "shape", "count", "position", "grounding"):
-        return [_object_attributes(objects, grid)]
+        return [_object_attributes(objects, grid, box_bins)]
     return []
 
 
@@ -198,25 +216,33 @@ def _cells_inside(box: Sequence[float], grid: int) -> set[int]:
     return cells
 
 
-def _patch_labels(regions: Sequence[tuple[set[int], str, str]], grid: int) -> dict[str, list[str]]:
+def _patch_labels(
+    regions: Sequence[tuple[set[int], str, str, Sequence[float] | None]], grid: int, box_bins: int = 0
+) -> dict[str, list[str]]:
     colour, shape = [BACKGROUND] * grid * grid, [BACKGROUND] * grid * grid
-    for cells, c, s in regions:
+    boxes: list[list[str] | None] = [None] * grid * grid
+    for cells, c, s, box in regions:
+        binned = None if box is None else [str(min(box_bins - 1, max(0, int(v * box_bins / 1000)))) for v in box]
         for cell in cells:
-            colour[cell], shape[cell] = c, s
-    return {"patch_colour": colour, "patch_shape": shape}
+            colour[cell], shape[cell], boxes[cell] = c, s, binned
+    out: dict[str, list] = {"patch_colour": colour, "patch_shape": shape}
+    for i, name in enumerate(PATCH_BOX if box_bins > 0 else ()):
+        out[name] = [None if b is None else b[i] for b in boxes]
+    return out
 
 
-def _object_attributes(objects: Sequence[dict[str, Any]], grid: int) -> dict[str, Any]:
+def _object_attributes(objects: Sequence[dict[str, Any]], grid: int, box_bins: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"count": str(len(objects))}
     for key in ("colour", "shape"):
         values = {o[key] for o in objects}
         if len(values) == 1:
             out[key] = values.pop()
-    out.update(_patch_labels([(_cells_inside(o["box"], grid), o["colour"], o["shape"]) for o in objects], grid))
+    regions = [(_cells_inside(o["box"], grid), o["colour"], o["shape"], o["box"]) for o in objects]
+    out.update(_patch_labels(regions, grid, box_bins))
     return out
 
 
-def labelled_tiles(world: Path, split: str, image_size: int, patch_size: int) -> Any:
+def labelled_tiles(world: Path, split: str, image_size: int, patch_size: int, box_bins: int = 0) -> Any:
     """Every image of ``split`` with attributes, as one tile each (the whole image, as the thumbnail is)."""
     from PIL import Image
 
@@ -229,7 +255,7 @@ def labelled_tiles(world: Path, split: str, image_size: int, patch_size: int) ->
     for record in read_records(world, split):
         images = record.get("image")
         names = [images] if isinstance(images, str) else list(images or [])
-        labels = image_attributes(record, grid)
+        labels = image_attributes(record, grid, box_bins)
         if len(labels) != len(names):
             continue  # video and text records: no labelled image
         for name, attrs in zip(names, labels, strict=True):
@@ -237,7 +263,8 @@ def labelled_tiles(world: Path, split: str, image_size: int, patch_size: int) ->
             with Image.open(path) as image:
                 tiles.append(dynamic_tiles(image.convert("RGB"), max_num=1, image_size=image_size))
             attributes.append(attrs)
-    return LabelledTiles.build(normalize_tiled(tiles), attributes, attribute_classes(), num_patches=grid * grid)
+    classes = attribute_classes(box_bins)
+    return LabelledTiles.build(normalize_tiled(tiles), attributes, classes, num_patches=grid * grid)
 
 
 def pretrain_vit(
@@ -251,8 +278,9 @@ def pretrain_vit(
 
     model, processor = load_for_inference(previous, dtype=torch.float32)
     vision = model.config.vision
-    train_tiles = labelled_tiles(world, "train", vision.image_size, vision.patch_size)
-    held_out = labelled_tiles(world, "test", vision.image_size, vision.patch_size)
+    bins = settings.box_bins
+    train_tiles = labelled_tiles(world, "train", vision.image_size, vision.patch_size, bins)
+    held_out = labelled_tiles(world, "test", vision.image_size, vision.patch_size, bins)
     result = pretrain_vision(
         model.vision_model, train_tiles, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
         weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps, seed=seed, held_out=held_out,
@@ -618,14 +646,28 @@ def run_demo(
     tokenizer = load_tokenizer(tokenizer_dir)  # a text-only probe for the frozen-weights check
     probe_ids = tokenizer(captioned_question(read_records(world, "train")[0]), add_special_tokens=False)["input_ids"]
     previous: Path | None = None
+    candidates: list[dict[str, Any]] = []
     for stage in STAGES:
         recipe = stage_recipe(
             stage, out=out, previous=previous, tokenizer=tokenizer_dir,
             meta=meta[stage], mono=mono, steps=plan.steps.get(stage),
             seed=seed, threads=threads, progress=progress,
         )  # fmt: skip
-        console.rule(f"{stage}: {recipe.stage.name}, {recipe.train.max_steps} steps")
-        result = train(recipe, log=console.print)
+        n_candidates = min(plan.warmup_candidates, threads) if plan.warmup_drills > 0 else 1
+        if stage == "lm_warmup" and n_candidates > 1:
+            console.rule(f"{stage}: {n_candidates} candidates side by side, {recipe.train.max_steps} steps each")
+            best, tried = warm_up_candidates(
+                out=out / "lm_warmup_candidates", seeds=[seed + k for k in range(n_candidates)], threads=threads,
+                validation=multi_image_drills(200, VALIDATION_DRILL_SEED + seed), steps=recipe.train.max_steps,
+                recipe_kwargs={"previous": None, "tokenizer": tokenizer_dir, "meta": meta[stage], "mono": mono,
+                               "steps": plan.steps.get(stage)},
+                progress=progress, log=console.print,
+            )  # fmt: skip
+            candidates = [{"seed": c.seed, "drill_accuracy": c.drill_accuracy} for c in tried]
+            result = best.result
+        else:
+            console.rule(f"{stage}: {recipe.stage.name}, {recipe.train.max_steps} steps")
+            result = train(recipe, log=console.print)
         if result.final_dir is None:
             raise ConfigError(f"demo stage {stage} wrote no final model")
         k = max(1, len(result.losses) // 10)
@@ -687,6 +729,7 @@ def run_demo(
         "losses": losses,
         "timings_s": timings,
         "frozen_weights": frozen,
+        "warmup_candidates": candidates,
         "final_checkpoint": str(previous),
         "threads": torch.get_num_threads(),
     }
