@@ -222,7 +222,10 @@ def _patch_labels(
     colour, shape = [BACKGROUND] * grid * grid, [BACKGROUND] * grid * grid
     boxes: list[list[str] | None] = [None] * grid * grid
     for cells, c, s, box in regions:
-        binned = None if box is None else [str(min(box_bins - 1, max(0, int(v * box_bins / 1000)))) for v in box]
+        if box is None or box_bins <= 0:
+            binned = None
+        else:
+            binned = [str(min(box_bins - 1, max(0, int(v * box_bins / 1000)))) for v in box]
         for cell in cells:
             colour[cell], shape[cell], boxes[cell] = c, s, binned
     out: dict[str, list] = {"patch_colour": colour, "patch_shape": shape}
