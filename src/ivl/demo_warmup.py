@@ -3,7 +3,7 @@
 Whether the 2-layer demo LLM learns to look an image up by its colour ("Which image shows a blue shape?")
 during the warm-up is a draw of its initialisation and data order: 3 seeds in 5 formed it, and a run that
 misses it ends with multi-image at chance (docs/benchmarks.md, session 12). Tiny models use two cores poorly,
-so two candidates on one thread each cost ~1.3x one candidate on two threads. Each is scored on generated
+so two candidates on one thread each cost ~1.5x one candidate on two threads, not 2x. Each is scored on generated
 two-image drills from another stream than the ones it trained on (never the test split), and the best goes on.
 """
 
