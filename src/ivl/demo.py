@@ -650,21 +650,17 @@ def run_demo(
     probe_ids = tokenizer(captioned_question(read_records(world, "train")[0]), add_special_tokens=False)["input_ids"]
     previous: Path | None = None
     candidates: list[dict[str, Any]] = []
+    n_candidates = min(plan.warmup_candidates, threads) if plan.warmup_drills > 0 else 1
     for stage in STAGES:
-        recipe = stage_recipe(
-            stage, out=out, previous=previous, tokenizer=tokenizer_dir,
-            meta=meta[stage], mono=mono, steps=plan.steps.get(stage),
-            seed=seed, threads=threads, progress=progress,
-        )  # fmt: skip
-        n_candidates = min(plan.warmup_candidates, threads) if plan.warmup_drills > 0 else 1
+        stage_args = {"previous": previous, "tokenizer": tokenizer_dir, "meta": meta[stage], "mono": mono,
+                      "steps": plan.steps.get(stage)}  # fmt: skip
+        recipe = stage_recipe(stage, out=out, seed=seed, threads=threads, progress=progress, **stage_args)
         if stage == "lm_warmup" and n_candidates > 1:
             console.rule(f"{stage}: {n_candidates} candidates side by side, {recipe.train.max_steps} steps each")
             best, tried = warm_up_candidates(
                 out=out / "lm_warmup_candidates", seeds=[seed + k for k in range(n_candidates)], threads=threads,
                 validation=multi_image_drills(200, VALIDATION_DRILL_SEED + seed), steps=recipe.train.max_steps,
-                recipe_kwargs={"previous": None, "tokenizer": tokenizer_dir, "meta": meta[stage], "mono": mono,
-                               "steps": plan.steps.get(stage)},
-                progress=progress, log=console.print,
+                recipe_kwargs=stage_args, progress=progress, log=console.print,
             )  # fmt: skip
             candidates = [{"seed": c.seed, "drill_accuracy": c.drill_accuracy} for c in tried]
             result = best.result

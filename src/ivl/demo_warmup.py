@@ -73,8 +73,9 @@ def _watch(jobs: dict[int, Any], metrics: dict[int, Path], steps: int, progress:
             for seed, path in metrics.items():
                 bar.update(tasks[seed], completed=_last_step(path))
             time.sleep(0.5)
-        for seed in jobs:
-            bar.update(tasks[seed], completed=steps)
+        for seed, job in jobs.items():
+            if job.exception() is None:  # a failed candidate's bar stays where it stopped
+                bar.update(tasks[seed], completed=steps)
 
 
 def _last_step(path: Path) -> int:
