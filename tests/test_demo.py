@@ -181,3 +181,45 @@ def test_warmup_candidates_train_side_by_side_and_the_best_goes_on(tmp_path):
     chosen = llm_weights(out / "lm_warmup_candidates" / f"seed{best['seed']}" / "lm_warmup" / "final")
     after = llm_weights(out / "vision_pretrain" / "final")
     assert chosen and chosen.keys() == after.keys() and all(torch.equal(chosen[k], after[k]) for k in chosen)
+
+
+def test_time_budget_shortens_stage2_and_the_report_says_so(tmp_path, monkeypatch):
+    """With no time left, Stage 2 stops at its first speed measurement (step 2 here) and saves its model."""
+    import functools
+
+    import ivl.training.trainer as trainer
+    from ivl.demo import DemoSettings, VisionPretrainSettings, run_demo
+    from ivl.training.time_budget import TimeBudget
+
+    monkeypatch.setattr(trainer, "TimeBudget", functools.partial(TimeBudget, first=2, every=1, skip=1))
+    settings = DemoSettings(
+        n_train=12, n_test=4, tasks=("colour",), warmup_drills=0, warmup_candidates=1, minutes=1e-3,
+        steps={"lm_warmup": 4, "stage1": 2, "stage1_5": 2, "stage2": 6},
+        vision_pretrain=VisionPretrainSettings(steps=2, batch_size=4),
+    )  # fmt: skip
+    report = run_demo(tmp_path / "demo", settings=settings, progress=False, threads=1)
+    stage2 = report["losses"]["stage2"]
+    assert stage2["steps"] == 2 and stage2["max_steps"] == 6 and stage2["budget_plans"] == [[2, 2]]
+    assert stage2["time_budget_s"] == 0.0  # the floor (1 ms, rounded): spent before Stage 2 began
+    assert "time_budget_s" not in report["losses"]["stage1"]
+    assert (tmp_path / "demo" / "stage2" / "final" / "config.json").is_file()
+
+
+def test_cli_minutes_sets_the_demo_budget(monkeypatch):
+    """``--minutes M`` budgets the run, ``--minutes 0`` turns the budget off, a negative one is refused."""
+    from typer.testing import CliRunner
+
+    import ivl.demo
+    from ivl.cli import app
+
+    seen = []
+    monkeypatch.setattr(ivl.demo, "run_demo", lambda out, **kwargs: seen.append(kwargs["settings"]))
+    runner = CliRunner()
+    assert runner.invoke(app, ["demo", "--out", "x", "--minutes", "12"]).exit_code == 0
+    assert runner.invoke(app, ["demo", "--out", "x", "--quick", "--minutes", "0"]).exit_code == 0
+    assert runner.invoke(app, ["demo", "--out", "x"]).exit_code == 0
+    assert seen[0].minutes == 12 and seen[0].steps == ivl.demo.FULL.steps
+    assert seen[1].minutes is None and seen[1].steps == ivl.demo.QUICK.steps
+    assert seen[2] is None  # the defaults: FULL's 15 minutes
+    refused = runner.invoke(app, ["demo", "--out", "x", "--minutes", "-1"])
+    assert refused.exit_code != 0 and "--minutes must be >= 0" in refused.output

@@ -122,11 +122,21 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="a short run (about two minutes) for smoke tests"),
     seed: int = typer.Option(0, help="seed of the synthetic world and of the training"),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)"),
+    minutes: float | None = typer.Option(
+        None, help="finish within this many minutes by shortening Stage 2 to its measured speed (default 15; 0: off)"
+    ),
 ) -> None:
     """The whole pipeline on a tiny model, on CPU: data, tokenizer, LM warm-up, Stage 1/1.5/2, evaluation, chat."""
-    from ivl.demo import run_demo
+    import dataclasses
 
-    run_demo(out, model=model, quick=quick, seed=seed, threads=threads)
+    from ivl.demo import FULL, QUICK, run_demo
+
+    settings = None
+    if minutes is not None:
+        if minutes < 0:
+            raise typer.BadParameter(f"--minutes must be >= 0, got {minutes}")
+        settings = dataclasses.replace(QUICK if quick else FULL, minutes=minutes or None)
+    run_demo(out, model=model, quick=quick, seed=seed, threads=threads, settings=settings)
 
 
 @app.command("chat")

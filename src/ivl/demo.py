@@ -36,6 +36,8 @@ STAGES = ("lm_warmup", "stage1", "stage1_5", "stage2")
 #: The freeze plan each demo stage uses for the encoder-free (Mono-InternVL) variant.
 MONO_STAGES = {"lm_warmup": "lm_warmup", "stage1": "mono_s1_1", "stage1_5": "mono_s1_3", "stage2": "mono_sft"}
 SYSTEM_MESSAGE = "You are a tiny InternVL."
+#: seconds a time-budgeted demo keeps for what follows Stage 2 (evaluation with and without images: 15-21 s)
+EVALUATION_RESERVE_S = 40.0
 
 
 @dataclass
@@ -97,6 +99,11 @@ class DemoSettings:
         }
     )
     eval_batch_size: int = 64
+    #: end to end within this many minutes: Stage 2 runs at most ``steps["stage2"]``, fewer if its measured speed
+    #: says they will not fit what is left (``train.time_budget_s``); None: the fixed step counts. The same steps
+    #: took 14.3 min one day and 19 min another on this 2-core machine (docs/benchmarks.md, session 14). Only
+    #: Stage 2 gives way: a ViT pre-training cut to fit as well cost shape more than Stage 2 gained.
+    minutes: float | None = 15.0
     #: ViT pre-training (``ivl.training.vision_pretrain``) before Stage 1; 0 steps skips it. The encoder-free
     #: Mono-InternVL has no ViT to pre-train: its patch stem learns in the EViP stages.
     vision_pretrain: VisionPretrainSettings = field(default_factory=VisionPretrainSettings)
@@ -109,6 +116,7 @@ QUICK = DemoSettings(
     tasks=("colour", "text"),
     warmup_drills=0,
     warmup_candidates=1,
+    minutes=None,
     steps={"lm_warmup": 200, "stage1": 150, "stage1_5": 20, "stage2": 150},
     vision_pretrain=VisionPretrainSettings(steps=60),
 )
@@ -665,6 +673,10 @@ def run_demo(
             candidates = [{"seed": c.seed, "drill_accuracy": c.drill_accuracy} for c in tried]
             result = best.result
         else:
+            if stage == "stage2" and plan.minutes is not None:
+                left = plan.minutes * 60 - (time.perf_counter() - started) - EVALUATION_RESERVE_S
+                recipe.train.time_budget_s = max(1e-3, left)  # spent already: stop at the first measurement
+                console.print(f"time budget: {plan.minutes:g} min in all, {left:.0f} s for {stage}")
             console.rule(f"{stage}: {recipe.stage.name}, {recipe.train.max_steps} steps")
             result = train(recipe, log=console.print)
         if result.final_dir is None:
@@ -676,6 +688,11 @@ def run_demo(
             "steps": result.steps,
             "seconds": round(result.seconds, 1),
         }
+        if recipe.train.time_budget_s is not None:
+            losses[stage].update(
+                max_steps=recipe.train.max_steps, time_budget_s=round(recipe.train.time_budget_s, 1),
+                budget_plans=[list(pair) for pair in result.budget_plans],
+            )  # fmt: skip
         if previous is not None and stage != "stage2":
             frozen[stage] = check_recipe_freeze(previous, result.final_dir, recipe, tokenizer, probe_ids, console)
         previous = result.final_dir

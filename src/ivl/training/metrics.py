@@ -165,6 +165,11 @@ class ProgressBar:
             tiles=f"{tiles_per_s:,.1f}",
         )
 
+    def set_total(self, total: int) -> None:
+        """A new length for the run (a time budget re-planned it)."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
     def log(self, message: str) -> None:
         if self._progress is not None:
             self._progress.console.print(message)

@@ -94,3 +94,21 @@ def cosine_schedule(
 
 def trainable(model: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in model.parameters() if p.requires_grad)
+
+
+def respan_cosine(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> None:
+    """Re-span a ``cosine_schedule`` over a new total, in place, from the step it is at: the LR becomes what a
+    schedule built with that total would give now (``ivl.training.time_budget`` shortens runs this way)."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ConfigError(f"cannot re-span a schedule to {total_steps} steps with {warmup_steps} warm-up steps")
+
+    def factor(step: int) -> float:
+        return cosine_factor(step, total_steps, warmup_steps, min_ratio)
+
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [factor] * len(groups)
+    for group, base in zip(groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports

@@ -106,6 +106,9 @@ class TrainSection:
     seed: int = 0
     progress: bool = True  # rich progress bar
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    #: end within this many seconds of the run's start: fewer steps than max_steps if the measured speed says
+    #: they will not fit, over a cosine schedule re-spanned to match (ivl.training.time_budget); fresh runs only
+    time_budget_s: float | None = None
 
 
 @dataclass
@@ -146,6 +149,9 @@ class Recipe:
             raise ConfigError(f"{where}: train.max_steps must be >= 1, got {self.train.max_steps}")
         if self.data.num_workers < 0:
             raise ConfigError(f"{where}: data.num_workers must be >= 0, got {self.data.num_workers}")
+        budget = self.train.time_budget_s
+        if budget is not None and not budget > 0:
+            raise ConfigError(f"{where}: train.time_budget_s must be > 0 seconds, got {budget}")
         for key in ("grad_accum", "global_batch_size", "save_steps"):
             value = getattr(self.train, key)
             if value is not None and value < 1:

@@ -31,7 +31,7 @@ from ivl.training import distributed as D
 from ivl.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from ivl.training.loss import global_weight_sum, normalised_loss, weighted_cross_entropy
 from ivl.training.metrics import LOSS_CURVE, METRICS_FILE, MetricsLog, ProgressBar, Throughput, plot_loss_curve
-from ivl.training.optim import build_optimizer, cosine_schedule, resolve_warmup
+from ivl.training.optim import build_optimizer, cosine_schedule, resolve_warmup, respan_cosine
 from ivl.training.recipe import Recipe, save_recipe
 from ivl.training.stages import (
     FreezePlan,
@@ -42,6 +42,7 @@ from ivl.training.stages import (
     set_train_mode,
     trainable_parameters,
 )
+from ivl.training.time_budget import TimeBudget
 
 FINAL_DIR = "final"
 ADAPTER_DIR = "final_adapter"
@@ -56,10 +57,12 @@ class TrainResult:
     output_dir: Path = Path(".")
     final_dir: Path | None = None
     adapter_dir: Path | None = None
-    stopped: str = "max_steps"  # max_steps | data_exhausted
+    stopped: str = "max_steps"  # max_steps | data_exhausted | time_budget (fewer steps than max_steps)
     seconds: float = 0.0
     tokens: int = 0
     resumed_from: Path | None = None
+    #: (step, planned total steps) each time a time budget measured the speed
+    budget_plans: list[tuple[int, int]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -324,6 +327,7 @@ def train(
     optimizer = build_optimizer(model, opt.lr, opt.weight_decay, tuple(opt.betas), opt.eps)
     warmup = resolve_warmup(cfg.max_steps, opt.warmup_steps, opt.warmup_ratio)
     scheduler = cosine_schedule(optimizer, cfg.max_steps, min(warmup, cfg.max_steps), opt.min_lr_ratio)
+    total_steps = cfg.max_steps  # a time budget may lower it
     accum = recipe.grad_accum(info.world_size)
 
     # ---- resume
@@ -331,6 +335,11 @@ def train(
     target = None
     if cfg.resume not in (None, "none", "no", "false"):
         target = latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
+    if target is not None and cfg.time_budget_s is not None:
+        raise ConfigError(
+            f"{recipe.source}: train.time_budget_s applies to fresh runs; resuming from {target} would continue a "
+            "schedule planned for another length (set train.resume: none, or drop the budget)"
+        )
     if target is not None:
         resumed = load_checkpoint(target, model, optimizer, scheduler, info)
         step, data_states, resumed_from = resumed.step, resumed.data_state, resumed.path
@@ -347,6 +356,7 @@ def train(
     if step >= cfg.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} of {cfg.max_steps}")
     bar = ProgressBar(cfg.max_steps, step, enabled=cfg.progress and info.is_main, description=recipe.name)
+    budget = None if cfg.time_budget_s is None else TimeBudget(cfg.time_budget_s, cfg.max_steps, started)
     speed = Throughput()
     trainable = [p for p in model.parameters() if p.requires_grad]
     sharded = D.is_sharded(model)
@@ -372,7 +382,7 @@ def train(
             plot_loss_curve(metrics.path, out / LOSS_CURVE, title=f"{recipe.name}: loss")
 
     try:
-        while step < cfg.max_steps and (stop_after is None or invocation_steps < stop_after):
+        while step < total_steps and (stop_after is None or invocation_steps < stop_after):
             # ---- fetch this step's micro-batches (stop together if any rank ran out of data)
             micro: list[dict[str, Any]] = []
             for it in iterators:
@@ -408,7 +418,16 @@ def train(
             result.tokens += tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-            if step % cfg.log_steps == 0 or step == cfg.max_steps:
+            planned = budget.replan(step) if budget is not None else None
+            if planned is not None:  # the same steps on every rank; all ranks follow rank 0's plan
+                planned = int(D.broadcast_object(planned))
+            if planned is not None and planned != total_steps:
+                total_steps = planned
+                respan_cosine(scheduler, total_steps, min(resolve_warmup(total_steps, opt.warmup_steps,
+                              opt.warmup_ratio), total_steps), opt.min_lr_ratio)  # fmt: skip
+                bar.set_total(total_steps)
+                say(f"time budget {cfg.time_budget_s:.0f} s: {total_steps} steps instead of {cfg.max_steps}")
+            if step % cfg.log_steps == 0 or step == total_steps:
                 tok_s, tile_s = speed.rates()
                 record = {
                     "step": step,
@@ -425,13 +444,16 @@ def train(
                 bar.update(step, loss, lr, tok_s, tile_s)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 checkpoint()
-        if last_saved != step and (cfg.save_steps or step >= cfg.max_steps) and step > 0:
+        if last_saved != step and (cfg.save_steps or step >= total_steps) and step > 0:
             checkpoint()
     finally:
         bar.close()
 
     result.steps = step
-    if step >= cfg.max_steps or result.stopped == "data_exhausted":
+    if budget is not None:
+        result.stopped = "time_budget" if total_steps < cfg.max_steps else result.stopped
+        result.budget_plans = budget.plans
+    if step >= total_steps or result.stopped == "data_exhausted":
         if info.is_main and metrics.path.exists():
             plot_loss_curve(metrics.path, out / LOSS_CURVE, title=f"{recipe.name}: loss")
         if lora_cfg is not None:
