@@ -162,7 +162,9 @@ def test_image_flags_drop_dummy_tiles():
     real, dummy = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)
     want = model(ids, real).logits
     got = model(ids, torch.cat([real, dummy]), image_flags=torch.tensor([[1], [0]])).logits
-    assert torch.equal(got, want)
+    # the tiles are encoded as one batch of 2 instead of 1, and some CPUs' kernels round differently by batch
+    # size (1.5e-7 seen on one machine, bit-identical on another): equal up to that rounding, not bit for bit
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     text_only = _ids_with_images([[]])
     assert torch.equal(model(text_only, dummy, image_flags=torch.tensor([0])).logits, model(text_only).logits)
     with pytest.raises(ModelInputError, match="3 entries for 2 tiles"):

@@ -54,7 +54,8 @@ class InternVL(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with ``<IMG_CONTEXT>`` rows replaced by image features in sequence order.
 
-        Tiles whose ``image_flags`` is 0 (dummy tiles of text-only samples) are dropped first.
+        Tiles whose ``image_flags`` is 0 (dummy tiles of text-only samples) are encoded with the others and then
+        dropped: they keep the vision tower in the graph, as data-parallel training needs.
         """
         embeds = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is not None and image_features is not None:
