@@ -123,3 +123,5 @@ def test_a_budget_refuses_to_resume_and_must_be_positive(make_recipe, tmp_path):
         train(recipe_from_dict(make_recipe(train={"max_steps": 4, "time_budget_s": 60})))
     with pytest.raises(ConfigError, match="time_budget_s must be > 0"):
         recipe_from_dict(make_recipe(train={"time_budget_s": 0})).validate()
+    with pytest.raises(ConfigError, match="and finite"):
+        recipe_from_dict(make_recipe(train={"time_budget_s": float("inf")})).validate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,8 +151,8 @@ class Recipe:
         if self.data.num_workers < 0:
             raise ConfigError(f"{where}: data.num_workers must be >= 0, got {self.data.num_workers}")
         budget = self.train.time_budget_s
-        if budget is not None and not budget > 0:
-            raise ConfigError(f"{where}: train.time_budget_s must be > 0 seconds, got {budget}")
+        if budget is not None and not (budget > 0 and math.isfinite(budget)):
+            raise ConfigError(f"{where}: train.time_budget_s must be > 0 seconds and finite, got {budget}")
         for key in ("grad_accum", "global_batch_size", "save_steps"):
             value = getattr(self.train, key)
             if value is not None and value < 1:

@@ -34,7 +34,7 @@ class TimeBudget:
     skip: int = 5
     clock: Callable[[], float] = time.perf_counter
     plans: list[tuple[int, int]] = field(default_factory=list)  # (step, planned total)
-    _mark: float | None = None
+    _mark: float | None = field(default=None, init=False, repr=False)  # clock reading at step ``skip``
 
     def __post_init__(self) -> None:
         if not self.seconds > 0 or not math.isfinite(self.seconds):

@@ -325,8 +325,11 @@ def train(
     # ---- optimizer and schedule
     opt = recipe.optim
     optimizer = build_optimizer(model, opt.lr, opt.weight_decay, tuple(opt.betas), opt.eps)
-    warmup = resolve_warmup(cfg.max_steps, opt.warmup_steps, opt.warmup_ratio)
-    scheduler = cosine_schedule(optimizer, cfg.max_steps, min(warmup, cfg.max_steps), opt.min_lr_ratio)
+
+    def warmup_for(total: int) -> int:
+        return min(resolve_warmup(total, opt.warmup_steps, opt.warmup_ratio), total)
+
+    scheduler = cosine_schedule(optimizer, cfg.max_steps, warmup_for(cfg.max_steps), opt.min_lr_ratio)
     total_steps = cfg.max_steps  # a time budget may lower it
     accum = recipe.grad_accum(info.world_size)
 
@@ -423,8 +426,7 @@ def train(
                 planned = int(D.broadcast_object(planned))
             if planned is not None and planned != total_steps:
                 total_steps = planned
-                respan_cosine(scheduler, total_steps, min(resolve_warmup(total_steps, opt.warmup_steps,
-                              opt.warmup_ratio), total_steps), opt.min_lr_ratio)  # fmt: skip
+                respan_cosine(scheduler, total_steps, warmup_for(total_steps), opt.min_lr_ratio)
                 bar.set_total(total_steps)
                 say(f"time budget {cfg.time_budget_s:.0f} s: {total_steps} steps instead of {cfg.max_steps}")
             if step % cfg.log_steps == 0 or step == total_steps:
