@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from ivl.errors import ModelInputError
 from ivl.models.decoder import CausalLM
 
 
@@ -147,6 +148,26 @@ def test_logits_to_keep_and_hidden_states(make_text):
     assert torch.allclose(last.logits, full.logits[:, -3:], atol=1e-6)
     assert full.hidden_states.shape == (2, 12, 64)
     assert torch.allclose(model.lm_head(full.hidden_states), full.logits, atol=1e-6)
+
+
+def test_logits_positions_give_the_full_logits_at_those_positions(make_text):
+    model = _random_model(make_text())
+    ids = torch.randint(0, 256, (2, 12))
+    keep = torch.zeros(2, 12, dtype=torch.bool)
+    keep[0, [3, 4, 11]] = True
+    keep[1, 0] = True
+    with torch.no_grad():
+        full = model(ids).logits
+        some = model(ids, logits_positions=keep).logits
+        none = model(ids, logits_positions=torch.zeros_like(keep)).logits
+    assert some.shape == (4, 256) and none.shape == (0, 256)
+    torch.testing.assert_close(some, torch.cat([full[0, [3, 4, 11]], full[1, [0]]]), rtol=0, atol=1e-6)
+    with pytest.raises(ModelInputError, match="bool mask of shape"):
+        model(ids, logits_positions=keep[:, :5])
+    with pytest.raises(ModelInputError, match="bool mask"):
+        model(ids, logits_positions=keep.long())
+    with pytest.raises(ModelInputError, match="not both"):
+        model(ids, logits_to_keep=1, logits_positions=keep)
 
 
 def test_no_buffers_in_state_dict(make_text):

@@ -234,7 +234,14 @@ class CausalLM(nn.Module):
         visual_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_positions: torch.Tensor | None = None,
     ) -> CausalLMOutput:
+        """``logits_to_keep`` > 0: logits of the last positions only (decoding). ``logits_positions``: a bool mask
+        shaped like the tokens; logits ``[N, V]`` of its True positions only, in row-major order. Training needs
+        them where a target is supervised: for a 151k vocabulary the full ``[T, V]`` logits of a 16k-token pack
+        are ~10 GB in float32, while the answers are a small share of the tokens."""
+        if logits_positions is not None and logits_to_keep > 0:
+            raise ModelInputError("pass logits_to_keep or logits_positions, not both")
         hidden = self.model(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -244,7 +251,15 @@ class CausalLM(nn.Module):
             visual_mask=visual_mask,
             cu_seqlens=cu_seqlens,
         )
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        if logits_positions is not None:
+            if logits_positions.shape != hidden.shape[:-1] or logits_positions.dtype != torch.bool:
+                raise ModelInputError(
+                    f"logits_positions must be a bool mask of shape {tuple(hidden.shape[:-1])}, got "
+                    f"{logits_positions.dtype} {tuple(logits_positions.shape)}"
+                )
+            kept = hidden[logits_positions]
+        else:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         return CausalLMOutput(logits=self.lm_head(kept), hidden_states=hidden)
 
     def init_visual_experts_from_text(self) -> None:

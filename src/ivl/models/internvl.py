@@ -109,6 +109,7 @@ class InternVL(nn.Module):
         cache: KVCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_positions: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         embeds = self.embed(
             input_ids, pixel_values=pixel_values, image_features=image_features, image_flags=image_flags
@@ -122,6 +123,7 @@ class InternVL(nn.Module):
             visual_mask=visual_mask,
             cu_seqlens=cu_seqlens,
             logits_to_keep=logits_to_keep,
+            logits_positions=logits_positions,
         )
 
     # ---------------------------------------------------------------------------------------------- training
