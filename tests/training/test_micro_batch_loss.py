@@ -11,7 +11,7 @@ from ivl.training.trainer import micro_batch_loss
 
 
 def _packed_batch(config, mode: str) -> dict:
-    """Two packed samples, the first with one image (its tile's tokens unsupervised), answers supervised."""
+    """Two packed samples, the first with one image; only their answers are supervised."""
     torch.manual_seed(1)
     n = config.num_image_token
     image = [config.image_token_id] * n
@@ -19,8 +19,8 @@ def _packed_batch(config, mode: str) -> dict:
     second = [10, 11, 12, 13, 14, 15, 16]
     ids = torch.tensor([first + second])
     labels = ids.clone()
-    labels[0, : len(first) - 2] = -100  # only the first sample's answer (8, 9) is supervised
-    labels[0, len(first) : len(first) + 4] = -100
+    labels[0, : len(first) - 2] = -100  # supervised: the first sample's answer (8, 9) ...
+    labels[0, len(first) : len(first) + 4] = -100  # ... and the second's last three tokens
     cu = torch.tensor([0, len(first), len(first) + len(second)], dtype=torch.int32)
     targets = shift_targets(labels, cu)
     positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None]
