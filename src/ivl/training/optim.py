@@ -8,7 +8,7 @@ half cosine down to 0 at the last step (spec §6.1).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -83,13 +83,16 @@ def cosine_schedule(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0, then cosine decay to ``min_ratio`` · lr at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(total_steps, warmup_steps, min_ratio))
+
+
+def _cosine_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """The LR factor per step of a cosine schedule, after checking its lengths."""
     if total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
         raise ConfigError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_factor(step, total_steps, warmup_steps, min_ratio)
-    )
+    return lambda step: cosine_factor(step, total_steps, warmup_steps, min_ratio)
 
 
 def trainable(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -101,12 +104,10 @@ def respan_cosine(
 ) -> None:
     """Re-span a ``cosine_schedule`` over a new total, in place, from the step it is at: the LR becomes what a
     schedule built with that total would give now (``ivl.training.time_budget`` shortens runs this way)."""
-    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ConfigError(f"cannot re-span a schedule to {total_steps} steps with {warmup_steps} warm-up steps")
-
-    def factor(step: int) -> float:
-        return cosine_factor(step, total_steps, warmup_steps, min_ratio)
-
+    try:
+        factor = _cosine_lambda(total_steps, warmup_steps, min_ratio)
+    except ConfigError as error:
+        raise ConfigError(f"cannot re-span a schedule: {error}") from error
     groups = scheduler.optimizer.param_groups
     scheduler.lr_lambdas = [factor] * len(groups)
     for group, base in zip(groups, scheduler.base_lrs, strict=True):
