@@ -460,7 +460,8 @@ def train(
 
     result.steps = step
     if budget is not None:
-        result.stopped = "time_budget" if total_steps < cfg.max_steps else result.stopped
+        if total_steps < cfg.max_steps and result.stopped == "max_steps":
+            result.stopped = "time_budget"
         result.budget_plans = budget.plans
     if step >= total_steps or result.stopped == "data_exhausted":
         if info.is_main and metrics.path.exists():
