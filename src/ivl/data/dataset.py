@@ -25,10 +25,12 @@ import torch
 
 from ivl.data.augment import RandomJpeg, augment_rng
 from ivl.data.collate import packed_collate
+from ivl.data.media_cache import MediaCache
 from ivl.data.mixture import MixtureSampler
 from ivl.data.packing import GreedyPacker, OverlongRule, PackedStream, PackingConfig, Sample, truncate_sample
 from ivl.data.records import MetaEntry, Record, decode_line, index_jsonl, load_meta
 from ivl.errors import ConfigError, DataError, ImageError, TemplateError
+from ivl.processing.images import DEFAULT_MAX_PIXELS
 from ivl.processing.tiling import TiledImage, normalize_tiled
 from ivl.processing.video import read_video
 
@@ -96,6 +98,7 @@ class DatasetOptions:
     min_num_frames: int = 8
     max_num_frames: int = 32
     default_max_dynamic_patch: int | None = None
+    media_cache_bytes: int = 0  # decoded media kept between epochs (shared by the datasets of a mixture)
 
     def validate(self) -> DatasetOptions:
         if not 1 <= self.min_num_frames <= self.max_num_frames:
@@ -104,6 +107,8 @@ class DatasetOptions:
             )
         if self.overlong not in ("truncate", "reject"):
             raise ConfigError(f"overlong must be 'truncate' or 'reject', got {self.overlong!r}")
+        if self.media_cache_bytes < 0:
+            raise ConfigError(f"media_cache_bytes must be >= 0, got {self.media_cache_bytes}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         return self
@@ -120,12 +125,16 @@ class RecordDataset(torch.utils.data.Dataset):
         index: int = 0,
         options: DatasetOptions | None = None,
         rejects: RejectLog | None = None,
+        media_cache: MediaCache | None = None,
     ) -> None:
         self.entry = entry
         self.processor = processor
         self.index = index
         self.options = (options or DatasetOptions()).validate()
         self.rejects = rejects if rejects is not None else RejectLog(self.options.rejects_path)
+        if media_cache is None and self.options.media_cache_bytes:
+            media_cache = MediaCache(self.options.media_cache_bytes)
+        self.media_cache = media_cache
         self.lines = index_jsonl(entry.annotation)
         self.jpeg = RandomJpeg() if entry.data_augment else None
         if self.jpeg is not None and getattr(processor, "dtype", torch.float32) != torch.float32:
@@ -190,11 +199,19 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def _encode(self, record: Record, rng: np.random.Generator) -> Sample:
         processor = self.processor
-        images = [self.entry.resolve(p) for p in record.images]
+        cache = self.media_cache
+        images: list[Any] = [self.entry.resolve(p) for p in record.images]
+        if cache is not None:
+            max_pixels = getattr(processor, "max_pixels", DEFAULT_MAX_PIXELS)
+            images = [cache.image(path, max_pixels=max_pixels) for path in images]
         videos: list[Any] = []
         if record.video is not None:
             frames = int(rng.integers(self.options.min_num_frames, self.options.max_num_frames + 1))
-            videos = [read_video(self.entry.resolve(record.video), num_segments=frames, bound=record.clip)]
+            path = self.entry.resolve(record.video)
+            if cache is not None:
+                videos = [cache.video(path, num_segments=frames, bound=record.clip)]
+            else:
+                videos = [read_video(path, num_segments=frames, bound=record.clip)]
         encoded = processor.encode_conversation(
             record.as_messages(), images=images or None, videos=videos or None, max_num=self.max_num
         )
@@ -222,7 +239,11 @@ def build_datasets(
     entries = load_meta(meta) if isinstance(meta, str | os.PathLike) else list(meta)
     options = (options or DatasetOptions()).validate()
     rejects = RejectLog(options.rejects_path)
-    return [RecordDataset(e, processor, index=d, options=options, rejects=rejects) for d, e in enumerate(entries)]
+    cache = MediaCache(options.media_cache_bytes) if options.media_cache_bytes else None
+    return [
+        RecordDataset(e, processor, index=d, options=options, rejects=rejects, media_cache=cache)
+        for d, e in enumerate(entries)
+    ]
 
 
 class MixtureFetcher:

@@ -46,6 +46,7 @@ from ivl.processing.tiling import (
     plan_tiles,
     tiles_to_pixel_values,
 )
+from ivl.processing.token_cache import TokenCache
 from ivl.processing.video import VideoClip, read_video
 
 IGNORE_INDEX = -100
@@ -177,6 +178,7 @@ class Processor:
         )
         self.image_label, self.frame_label = image_label, frame_label
         self.dtype = dtype
+        self.token_cache = TokenCache(tokenizer)
 
         self.img_start_id = self._token_id(img_start_token)
         self.img_end_id = self._token_id(img_end_token)
@@ -546,7 +548,9 @@ class Processor:
             pieces = _IMAGE_SPLIT.split(text) if kind == "user" and expand else [text]
             layout.append((len(chunks), len(pieces)))
             chunks += pieces
-        encoded = self.tokenizer(chunks, add_special_tokens=False)["input_ids"] if chunks else []
+        if self.token_cache.tokenizer is not self.tokenizer:  # the tokenizer was swapped: its ids differ
+            self.token_cache = TokenCache(self.tokenizer)
+        encoded = self.token_cache.encode(chunks) if chunks else []
         ids: list[int] = list(self._prefix_ids)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         image_index = 0

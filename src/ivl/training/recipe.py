@@ -54,6 +54,7 @@ class DataSection:
     max_num_frames: int = 32
     num_workers: int = 0  # DataLoader worker processes per stream
     skip_bad_records: bool = False  # skip (and log) unreadable records instead of failing
+    media_cache_mb: int = 0  # keep decoded images/videos in memory up to this size (per worker); 0: off
     seed: int = 0
 
 
@@ -148,6 +149,8 @@ class Recipe:
             raise ConfigError(f"{where}: model.preset or model.checkpoint is required")
         if self.train.max_steps < 1:
             raise ConfigError(f"{where}: train.max_steps must be >= 1, got {self.train.max_steps}")
+        if self.data.media_cache_mb < 0:
+            raise ConfigError(f"{where}: data.media_cache_mb must be >= 0, got {self.data.media_cache_mb}")
         if self.data.num_workers < 0:
             raise ConfigError(f"{where}: data.num_workers must be >= 0, got {self.data.num_workers}")
         budget = self.train.time_budget_s

@@ -140,6 +140,7 @@ def build_streams(
         min_num_frames=data.min_num_frames,
         max_num_frames=data.max_num_frames,
         default_max_dynamic_patch=data.max_dynamic_patch,
+        media_cache_bytes=data.media_cache_mb << 20,
     )
     datasets = build_datasets(data.meta, processor, options)
     if not data.augment:

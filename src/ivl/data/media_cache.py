@@ -1,0 +1,80 @@
+"""`MediaCache`: decoded images and video clips of a training set, kept in memory between epochs.
+
+Each epoch of a small data set decodes the same files again: on the demo's world that is a quarter of the
+data path's time per step. The cache keeps what `load_image` / `read_video` returned, keyed by the file's
+path, size and modification time (a file rewritten during a run is decoded afresh) and, for a video, by the
+frame sampling asked for. Augmentation happens after decoding (on the tiles), so a cached image gives the
+same sample as a fresh decode. Bounded by the decoded size: the least recently used entries go first.
+Every DataLoader worker holds its own cache, so the memory is per worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from ivl.processing.images import load_image
+from ivl.processing.video import VideoClip, read_video
+
+T = TypeVar("T")
+
+
+def decoded_bytes(value: Image.Image | VideoClip) -> int:
+    """Memory of a decoded image or clip: 3 bytes per RGB pixel (Pillow's own overhead is small)."""
+    frames = value.frames if isinstance(value, VideoClip) else [value]
+    return sum(frame.width * frame.height * len(frame.getbands()) for frame in frames)
+
+
+class MediaCache:
+    """``image(path)`` / ``video(path, num_segments, bound)`` → decoded media, remembered up to ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"media cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def image(self, path: str | os.PathLike[str], *, max_pixels: int | None) -> Image.Image:
+        key = ("image", *_file_key(path), max_pixels)
+        return self._get(key, lambda: load_image(path, max_pixels=max_pixels))
+
+    def video(self, path: str | os.PathLike[str], *, num_segments: int, bound: tuple[float, float] | None) -> VideoClip:
+        key = ("video", *_file_key(path), num_segments, None if bound is None else tuple(bound))
+        return self._get(key, lambda: read_video(path, num_segments=num_segments, bound=bound))
+
+    def _get(self, key: Hashable, decode: Callable[[], T]) -> T:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        value = decode()  # errors propagate and nothing is stored: a bad file fails the same way every time
+        size = decoded_bytes(value)  # type: ignore[arg-type]
+        if size <= self.max_bytes:
+            self._entries[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+        return value
+
+
+def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """Path, size and modification time; a missing file is left for the decoder to report."""
+    name = os.fspath(path)
+    try:
+        stat = os.stat(name)
+    except OSError:
+        return name, -1, -1
+    return name, stat.st_size, stat.st_mtime_ns

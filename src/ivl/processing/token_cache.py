@@ -1,0 +1,62 @@
+"""`TokenCache`: token ids of text pieces, remembered between samples.
+
+A training set repeats the same pieces over and over (the chat frame, the system message, role headers,
+templated questions and closed-set answers), and every epoch repeats them all again. The processor tokenises
+each piece on its own (pieces never merge across an image or a turn boundary), so remembering a piece's ids
+gives exactly the ids the tokenizer would: only the repeated calls into the tokenizer are saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any
+
+DEFAULT_MAX_ENTRIES = 1 << 16
+
+
+class TokenCache:
+    """``encode(pieces)`` → one id list per piece, as ``tokenizer(pieces, add_special_tokens=False)`` gives.
+
+    The cache holds at most ``max_entries`` pieces (0: none, every call tokenises) and forgets everything
+    when it would exceed them (a corpus of unique texts then costs one extra dict lookup per piece) and when the tokenizer's vocabulary size changes (tokens added
+    after the processor was made would change how a remembered piece splits).
+    """
+
+    def __init__(self, tokenizer: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0 (0: remember nothing), got {max_entries}")
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self._ids: dict[str, tuple[int, ...]] = {}
+        self._vocab_size = self._current_vocab_size()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def encode(self, pieces: Sequence[str]) -> list[list[int]]:
+        vocab_size = self._current_vocab_size()
+        if vocab_size != self._vocab_size:
+            self._ids.clear()
+            self._vocab_size = vocab_size
+        missing = [piece for piece in dict.fromkeys(pieces) if piece not in self._ids]
+        fresh: dict[str, tuple[int, ...]] = {}
+        if missing:
+            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            fresh = dict(zip(missing, map(tuple, encoded), strict=True))
+        result = [list(fresh[piece] if piece in fresh else self._ids[piece]) for piece in pieces]
+        if fresh:
+            if len(self._ids) + len(fresh) > self.max_entries:
+                self._ids.clear()
+            self._ids.update(islice(fresh.items(), self.max_entries))
+        self.misses += len(missing)
+        self.hits += len(pieces) - len(missing)
+        return result
+
+    def _current_vocab_size(self) -> int | None:
+        try:
+            return len(self.tokenizer)
+        except TypeError:  # a tokenizer without __len__: nothing to watch
+            return None
