@@ -75,3 +75,25 @@ def test_adamw_uses_the_official_betas_and_eps():
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
     with pytest.raises(ConfigError, match="learning rate"):
         build_optimizer(model, 0.0)
+
+
+def test_the_fused_adamw_steps_like_the_reference_implementation():
+    """build_optimizer picks torch's fused kernel for plain parameters; it must step like the single-tensor
+    AdamW (decay and no-decay groups, bias correction) up to float rounding."""
+    torch.manual_seed(0)
+    model = InternVL(get_preset("tiny"))
+    twin = InternVL(get_preset("tiny"))
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, 1e-2, 0.1)
+    assert fused.defaults["fused"] is True
+    reference = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, foreach=False)
+    pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+    start = [a.detach().clone() for a, _ in pairs]
+    for step in range(5):
+        for a, b in pairs:
+            grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step * 1000 + a.numel() % 997))
+            a.grad, b.grad = grad.clone(), grad.clone()
+        fused.step()
+        reference.step()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+    assert all(float((a.detach() - a0).abs().max()) > 1e-3 for (a, _), a0 in zip(pairs, start, strict=True))
