@@ -14,7 +14,7 @@ from PIL import Image
 
 from ivl.config import get_preset
 from ivl.data.dataset import DatasetOptions, build_datasets
-from ivl.data.media_cache import MediaCache, decoded_bytes
+from ivl.data.media_cache import MediaCache, decoded_bytes, shared_media_cache
 from ivl.errors import ConfigError, DataError, ImageError
 from ivl.processing.images import load_image
 from ivl.processing.processor import Processor
@@ -170,3 +170,18 @@ def test_bad_records_are_reported_the_same_with_the_cache(media, processor):
     assert lenient.get(0) is None and lenient.get(0, epoch=1) is None and lenient.rejects.count == 2
     with pytest.raises(ConfigError, match="media_cache_bytes"):
         DatasetOptions(media_cache_bytes=-1).validate()
+
+
+def test_runs_in_one_process_share_the_cache_and_the_latest_bound_holds(media, processor):
+    meta = _meta(media, [{"image": "wide.png", "conversations": _conv("<image>\nWhat?", "noise")}])
+    [first] = build_datasets(meta, processor, DatasetOptions(media_cache_bytes=1 << 24))
+    [second] = build_datasets(meta, processor, DatasetOptions(media_cache_bytes=1 << 25))
+    cache = second.media_cache
+    assert cache is first.media_cache is shared_media_cache(1 << 25)
+    first.get(0)
+    hits = cache.hits
+    second.get(0)  # decoded by the earlier run: served from memory
+    assert cache.hits == hits + 1 and cache.max_bytes == 1 << 25
+    shared_media_cache(0)
+    assert len(cache) == 0 and cache.bytes == 0
+    shared_media_cache(1 << 25)

@@ -25,7 +25,7 @@ import torch
 
 from ivl.data.augment import RandomJpeg, augment_rng
 from ivl.data.collate import packed_collate
-from ivl.data.media_cache import MediaCache
+from ivl.data.media_cache import MediaCache, shared_media_cache
 from ivl.data.mixture import MixtureSampler
 from ivl.data.packing import GreedyPacker, OverlongRule, PackedStream, PackingConfig, Sample, truncate_sample
 from ivl.data.records import MetaEntry, Record, decode_line, index_jsonl, load_meta
@@ -133,7 +133,7 @@ class RecordDataset(torch.utils.data.Dataset):
         self.options = (options or DatasetOptions()).validate()
         self.rejects = rejects if rejects is not None else RejectLog(self.options.rejects_path)
         if media_cache is None and self.options.media_cache_bytes:
-            media_cache = MediaCache(self.options.media_cache_bytes)
+            media_cache = shared_media_cache(self.options.media_cache_bytes)
         self.media_cache = media_cache
         self.lines = index_jsonl(entry.annotation)
         self.jpeg = RandomJpeg() if entry.data_augment else None
@@ -239,7 +239,7 @@ def build_datasets(
     entries = load_meta(meta) if isinstance(meta, str | os.PathLike) else list(meta)
     options = (options or DatasetOptions()).validate()
     rejects = RejectLog(options.rejects_path)
-    cache = MediaCache(options.media_cache_bytes) if options.media_cache_bytes else None
+    cache = shared_media_cache(options.media_cache_bytes) if options.media_cache_bytes else None
     return [
         RecordDataset(e, processor, index=d, options=options, rejects=rejects, media_cache=cache)
         for d, e in enumerate(entries)

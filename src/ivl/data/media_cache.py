@@ -5,12 +5,15 @@ data path's time per step. The cache keeps what `load_image` / `read_video` retu
 path, size and modification time (a file rewritten during a run is decoded afresh) and, for a video, by the
 frame sampling asked for. Augmentation happens after decoding (on the tiles), so a cached image gives the
 same sample as a fresh decode. Bounded by the decoded size: the least recently used entries go first.
-Every DataLoader worker holds its own cache, so the memory is per worker.
+The datasets of every run in one process share one cache (`shared_media_cache`), so the stages the demo
+runs one after another find the images the earlier stages decoded. Every DataLoader worker process holds its
+own copy, so the memory is per worker.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -52,6 +55,13 @@ class MediaCache:
         key = ("video", *_file_key(path), num_segments, None if bound is None else tuple(bound))
         return self._get(key, lambda: read_video(path, num_segments=num_segments, bound=bound))
 
+    def resize(self, max_bytes: int) -> None:
+        """A new bound; the least recently used entries go until the cache fits it."""
+        if max_bytes < 0:
+            raise ValueError(f"media cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._evict()
+
     def _get(self, key: Hashable, decode: Callable[[], T]) -> T:
         entry = self._entries.get(key)
         if entry is not None:
@@ -64,10 +74,29 @@ class MediaCache:
         if size <= self.max_bytes:
             self._entries[key] = (value, size)
             self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self.bytes -= dropped
+            self._evict()
         return value
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+
+_shared: MediaCache | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_media_cache(max_bytes: int) -> MediaCache:
+    """This process's cache, bounded by the latest ``max_bytes`` asked for (keys carry each file's size and
+    modification time, so entries stay valid from one run to the next)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = MediaCache(max_bytes)
+        else:
+            _shared.resize(max_bytes)
+        return _shared
 
 
 def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
