@@ -185,3 +185,13 @@ def test_runs_in_one_process_share_the_cache_and_the_latest_bound_holds(media, p
     shared_media_cache(0)
     assert len(cache) == 0 and cache.bytes == 0
     shared_media_cache(1 << 25)
+
+
+def test_a_pickled_cache_starts_empty_with_the_same_bound(media):
+    import pickle
+
+    cache = MediaCache(1 << 20)
+    cache.image(media / "wide.png", max_pixels=None)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(copy) == 0 and copy.max_bytes == 1 << 20
+    assert np.array_equal(_pixels(copy.image(media / "wide.png", max_pixels=None)), _noise(56, 112, 0))

@@ -86,3 +86,20 @@ def test_processor_encodings_are_the_same_with_a_warm_cache_and_after_a_tokenize
     fresh = Processor.from_config(swapped, get_preset("tiny")).encode_conversation(messages)
     again = proc.encode_conversation(messages)
     assert again.input_ids.tolist() == fresh.input_ids.tolist() != cold.input_ids.tolist()
+
+
+def test_threads_sharing_a_small_cache_get_correct_ids_and_it_pickles(tok):
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = TokenCache(tok, max_entries=3)  # forgets all the time while other threads read
+    texts = [f"How many {n} red circles? Image-{n % 3}" for n in range(40)]
+    expected = _reference(tok, texts)
+
+    def work(k: int) -> bool:
+        return all(cache.encode([texts[(k + j) % 40]]) == [expected[(k + j) % 40]] for j in range(40))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(16)))
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.encode(texts[:5]) == expected[:5] and len(copy) <= 3

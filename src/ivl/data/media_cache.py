@@ -43,6 +43,15 @@ class MediaCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled cache (a spawned DataLoader worker's copy) starts empty: copying the media costs more than
+        decoding it again."""
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_bytes"])  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,22 +68,25 @@ class MediaCache:
         """A new bound; the least recently used entries go until the cache fits it."""
         if max_bytes < 0:
             raise ValueError(f"media cache size must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self._evict()
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
 
     def _get(self, key: Hashable, decode: Callable[[], T]) -> T:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-        self.misses += 1
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[0]
+            self.misses += 1
         value = decode()  # errors propagate and nothing is stored: a bad file fails the same way every time
         size = decoded_bytes(value)  # type: ignore[arg-type]
-        if size <= self.max_bytes:
-            self._entries[key] = (value, size)
-            self.bytes += size
-            self._evict()
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = (value, size)
+                self.bytes += size
+                self._evict()
         return value
 
     def _evict(self) -> None:

@@ -8,6 +8,7 @@ gives exactly the ids the tokenizer would: only the repeated calls into the toke
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any
@@ -20,7 +21,8 @@ class TokenCache:
 
     The cache holds at most ``max_entries`` pieces (0: none, every call tokenises) and forgets everything
     when it would exceed them (a corpus of unique texts then costs one extra dict lookup per piece) and when the tokenizer's vocabulary size changes (tokens added
-    after the processor was made would change how a remembered piece splits).
+    after the processor was made would change how a remembered piece splits). Safe to share between threads
+    (the server encodes requests concurrently).
     """
 
     def __init__(self, tokenizer: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -32,11 +34,25 @@ class TokenCache:
         self._vocab_size = self._current_vocab_size()
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # locks do not pickle (a spawned DataLoader worker gets its own)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def encode(self, pieces: Sequence[str]) -> list[list[int]]:
+        with self._lock:
+            return self._encode(pieces)
+
+    def _encode(self, pieces: Sequence[str]) -> list[list[int]]:
         vocab_size = self._current_vocab_size()
         if vocab_size != self._vocab_size:
             self._ids.clear()
