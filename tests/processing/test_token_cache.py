@@ -103,3 +103,11 @@ def test_threads_sharing_a_small_cache_get_correct_ids_and_it_pickles(tok):
         assert all(pool.map(work, range(16)))
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.encode(texts[:5]) == expected[:5] and len(copy) <= 3
+
+
+def test_long_pieces_are_tokenised_every_time_and_never_held(tok):
+    cache = TokenCache(tok, max_piece_chars=20)
+    long = "Describe every object in this picture in detail."
+    for _ in range(2):
+        assert cache.encode([long, PIECES[1]]) == _reference(tok, [long, PIECES[1]])
+    assert len(cache) == 1 and cache.misses == 3  # the long piece missed both times; the short one once

@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from itertools import islice
 from typing import Any
 
 DEFAULT_MAX_ENTRIES = 1 << 16
+#: longer pieces (a user's long message) rarely repeat: they are tokenised every time and never held
+DEFAULT_MAX_PIECE_CHARS = 512
 
 
 class TokenCache:
     """``encode(pieces)`` → one id list per piece, as ``tokenizer(pieces, add_special_tokens=False)`` gives.
 
-    The cache holds at most ``max_entries`` pieces (0: none, every call tokenises) and forgets everything
-    when it would exceed them (a corpus of unique texts then costs one extra dict lookup per piece) and when the tokenizer's vocabulary size changes (tokens added
-    after the processor was made would change how a remembered piece splits). Safe to share between threads
-    (the server encodes requests concurrently).
+    Holds at most ``max_entries`` pieces (0: none, every call tokenises) of at most ``max_piece_chars``
+    characters each, so its memory stays bounded in a server that sees long unique prompts. It forgets
+    everything when it would exceed ``max_entries`` (a corpus of unique texts then costs one extra dict lookup
+    per piece) and when the tokenizer's vocabulary size changes (tokens added after the processor was made
+    would change how a remembered piece splits). Safe to share between threads (the server encodes
+    requests concurrently).
     """
 
-    def __init__(self, tokenizer: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self, tokenizer: Any, max_entries: int = DEFAULT_MAX_ENTRIES, max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS
+    ) -> None:
         if max_entries < 0:
             raise ValueError(f"max_entries must be >= 0 (0: remember nothing), got {max_entries}")
         self.tokenizer = tokenizer
         self.max_entries = max_entries
+        self.max_piece_chars = max_piece_chars
         self._ids: dict[str, tuple[int, ...]] = {}
         self._vocab_size = self._current_vocab_size()
         self.hits = 0
@@ -63,10 +69,11 @@ class TokenCache:
             encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
             fresh = dict(zip(missing, map(tuple, encoded), strict=True))
         result = [list(fresh[piece] if piece in fresh else self._ids[piece]) for piece in pieces]
-        if fresh:
-            if len(self._ids) + len(fresh) > self.max_entries:
+        keep = [(piece, ids) for piece, ids in fresh.items() if len(piece) <= self.max_piece_chars]
+        if keep:
+            if len(self._ids) + len(keep) > self.max_entries:
                 self._ids.clear()
-            self._ids.update(islice(fresh.items(), self.max_entries))
+            self._ids.update(keep[: self.max_entries])
         self.misses += len(missing)
         self.hits += len(pieces) - len(missing)
         return result
