@@ -97,3 +97,11 @@ def test_the_fused_adamw_steps_like_the_reference_implementation():
         reference.step()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
     assert all(float((a.detach() - a0).abs().max()) > 1e-3 for (a, _), a0 in zip(pairs, start, strict=True))
+
+
+def test_adamw_takes_plain_parameter_lists_and_groups():
+    from ivl.training.optim import adamw
+
+    layer = torch.nn.Linear(3, 2)
+    assert adamw(layer.parameters(), lr=1e-3).defaults["fused"] is True
+    assert adamw([{"params": [layer.weight]}, {"params": [layer.bias], "weight_decay": 0.0}], lr=1e-3).defaults["fused"]

@@ -27,7 +27,7 @@ from torch import nn
 
 from ivl.errors import ConfigError, DataError
 from ivl.training.metrics import LOSS_CURVE, METRICS_FILE, MetricsLog, ProgressBar, plot_loss_curve
-from ivl.training.optim import cosine_schedule
+from ivl.training.optim import adamw, cosine_schedule
 
 IGNORE = -100  # a tile without this attribute
 
@@ -174,7 +174,7 @@ def pretrain_vision(
     patch = [name for name, labels in train.labels.items() if labels.ndim == 2]
     heads = AttributeHeads(hidden, train.classes, patch).to(device=device, dtype=dtype)
     parameters = [p for p in vision_model.parameters() if p.requires_grad] + list(heads.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(parameters, lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, steps, min(warmup_steps, steps))
     metrics = MetricsLog(Path(out_dir) / METRICS_FILE) if out_dir is not None else None
     if metrics is not None and metrics.path.exists():
