@@ -178,7 +178,7 @@ def test_video_record(world, processor):
     assert f"Frame-{frames}:" in text and "<video>" not in text
 
 
-def _loader_world(world, processor, skip=True):
+def _loader_world(world, processor, skip=True, **opts):
     recs_a = [{"image": "wide.png", "conversations": conv(f"q{i}", "a " * (i % 7 + 1))} for i in range(10)]
     recs_b = [{"conversations": conv(f"text {i}", "b " * (i % 5 + 1))} for i in range(8)]
     recs_b[3] = {"image": "nope.png", "conversations": conv("x", "y")}
@@ -186,7 +186,7 @@ def _loader_world(world, processor, skip=True):
         **write_dataset(world, "a", recs_a, max_dynamic_patch=2, data_augment=True),
         **write_dataset(world, "b", recs_b, repeat_time=1.5),
     }
-    return build(world, meta, processor, skip_bad_records=skip)
+    return build(world, meta, processor, skip_bad_records=skip, **opts)
 
 
 def _signature(batch):
@@ -230,3 +230,15 @@ def test_packed_loader_resumes_exactly(world, processor, workers):
     expected = sum(1 for d, i, _ in drawn if (d, i) == (1, 3))
     assert expected >= 1 and resumed.summary()["skipped_records"] == expected
     assert resumed.summary()["samples"] == len(drawn) - expected
+
+
+def test_worker_processes_with_the_media_cache_give_the_same_batches(world, processor):
+    cfg = PackedLoaderConfig(
+        packing=PackingConfig(max_packed_tokens=600, max_packed_tiles=6, max_buffer_size=2), num_epochs=3, seed=2
+    )
+    runs = []
+    for cache in (0, 1 << 22):
+        datasets = _loader_world(world, processor, media_cache_bytes=cache)
+        loader = ResumableLoader(PackedIterable(datasets, cfg, processor.image_token_id), num_workers=2)
+        runs.append([_signature(b) for b in loader])
+    assert len(runs[0]) > 6 and runs[0] == runs[1]

@@ -119,3 +119,14 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     except OSError:
         return name, -1, -1
     return name, stat.st_size, stat.st_mtime_ns
+
+
+def _fresh_locks_in_child() -> None:
+    """A forked DataLoader worker inherits the locks in whatever state another thread left them: new ones."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    if _shared is not None:
+        _shared._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
