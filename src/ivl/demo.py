@@ -68,8 +68,8 @@ class DemoSettings:
     of them (grounding alone, 600 vs 2,000 steps: Acc@0.5 0.21 vs 0.42), and video, learnt early, makes room at
     0.5 (a video costs 8 tiles). Colour stays at 1: at 0.5 a Stage 2 of ~1,800 steps let it drift (purple read as
     blue; two paired runs, mean 0.654 / 0.6575 at 0.5 and 0.686 / 0.683 at 1). With a pre-trained ViT every other
-    task can be aligned from Stage 1 on. ``mono_mixture``: the encoder-free model's (its patch stem starts random, so its Stage 1
-    keeps to what random features can serve: colour, shape, count).
+    task can be aligned from Stage 1 on. ``mono_mixture``: the encoder-free model's (its patch stem starts
+    random, so its Stage 1 keeps to what random features can serve: colour, shape, count).
     """
 
     n_train: int = 1000

@@ -98,7 +98,7 @@ class DatasetOptions:
     min_num_frames: int = 8
     max_num_frames: int = 32
     default_max_dynamic_patch: int | None = None
-    media_cache_bytes: int = 0  # decoded media kept between epochs (shared by the datasets of a mixture)
+    media_cache_bytes: int = 0  # decoded media kept between epochs (one cache per process: `shared_media_cache`)
 
     def validate(self) -> DatasetOptions:
         if not 1 <= self.min_num_frames <= self.max_num_frames:
@@ -125,16 +125,14 @@ class RecordDataset(torch.utils.data.Dataset):
         index: int = 0,
         options: DatasetOptions | None = None,
         rejects: RejectLog | None = None,
-        media_cache: MediaCache | None = None,
     ) -> None:
         self.entry = entry
         self.processor = processor
         self.index = index
         self.options = (options or DatasetOptions()).validate()
         self.rejects = rejects if rejects is not None else RejectLog(self.options.rejects_path)
-        if media_cache is None and self.options.media_cache_bytes:
-            media_cache = shared_media_cache(self.options.media_cache_bytes)
-        self.media_cache = media_cache
+        bound = self.options.media_cache_bytes
+        self.media_cache: MediaCache | None = shared_media_cache(bound) if bound else None
         self.lines = index_jsonl(entry.annotation)
         self.jpeg = RandomJpeg() if entry.data_augment else None
         if self.jpeg is not None and getattr(processor, "dtype", torch.float32) != torch.float32:
@@ -239,11 +237,7 @@ def build_datasets(
     entries = load_meta(meta) if isinstance(meta, str | os.PathLike) else list(meta)
     options = (options or DatasetOptions()).validate()
     rejects = RejectLog(options.rejects_path)
-    cache = shared_media_cache(options.media_cache_bytes) if options.media_cache_bytes else None
-    return [
-        RecordDataset(e, processor, index=d, options=options, rejects=rejects, media_cache=cache)
-        for d, e in enumerate(entries)
-    ]
+    return [RecordDataset(e, processor, index=d, options=options, rejects=rejects) for d, e in enumerate(entries)]
 
 
 class MixtureFetcher:
