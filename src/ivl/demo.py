@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ivl.data.synthetic_drills import multi_image_drills, object_caption
+from ivl.data.synthetic_drills import multi_image_drills, object_caption, padded_caption
 from ivl.demo_warmup import VALIDATION_DRILL_SEED, warm_up_candidates
 from ivl.errors import ConfigError
 
@@ -318,7 +319,8 @@ def captioned_question(record: dict[str, Any]) -> str:
     captions = describe(record)
     if captions is None:
         return question
-    for caption in captions:
+    rng = random.Random(f"caption/{record['id']}")
+    for caption in (padded_caption(c, rng) for c in captions):
         placeholder = "<image>" if "<image>" in question else "<video>"
         question = question.replace(placeholder, f"<img>{caption}</img>", 1)
     return question

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
 import pytest
 
 from ivl.data.synthetic_draw import COLOURS
-from ivl.data.synthetic_drills import multi_image_drills, object_caption
+from ivl.data.synthetic_drills import CAPTION_FILLER, multi_image_drills, object_caption, padded_caption
 from ivl.data.synthetic_tasks import MULTI_IMAGE_QUESTIONS
 
-PROMPT = re.compile(r"^Image-1: <img>a (\w+) (\w+)</img>\nImage-2: <img>a (\w+) (\w+)</img>\n(.+)$", re.S)
+PROMPT = re.compile(r"^Image-1: <img>~*a (\w+) (\w+)~*</img>\nImage-2: <img>~*a (\w+) (\w+)~*</img>\n(.+)$", re.S)
 
 
 def _asked_colour(question: str) -> str:
@@ -40,6 +41,21 @@ def test_drill_answers_name_the_image_with_the_asked_colour():
     assert answers.count("Image-1") == answers.count("Image-2") == 100
 
 
+def test_padded_caption_moves_the_words_within_the_image_slots():
+    rng = random.Random(0)
+    padded = [padded_caption("a red circle", rng) for _ in range(200)]
+    assert all(p.strip(CAPTION_FILLER) == "a red circle" and p.count(CAPTION_FILLER) == 3 for p in padded)
+    assert {len(p) - len(p.lstrip(CAPTION_FILLER)) for p in padded} == {0, 1, 2, 3}  # every offset occurs
+    assert padded_caption("x", random.Random(0), slots=1) == "x"
+    assert [padded_caption("x", random.Random(5)) for _ in range(3)] == [padded_caption("x", random.Random(5))] * 3
+
+
+def test_every_drill_caption_is_padded():
+    for record in multi_image_drills(50, seed=1):
+        spans = re.findall(r"<img>(.*?)</img>", record["conversations"][0]["value"])
+        assert len(spans) == 2 and all(span.count(CAPTION_FILLER) == 3 for span in spans)
+
+
 def test_drills_are_seeded():
     assert multi_image_drills(20, seed=3) == multi_image_drills(20, seed=3)
     assert multi_image_drills(20, seed=3) != multi_image_drills(20, seed=4)
@@ -49,10 +65,14 @@ def test_drills_are_seeded():
 
 
 def test_caption_is_what_the_warm_up_describes_an_image_with():
-    from ivl.demo import describe
+    from ivl.demo import captioned_question, describe
 
     record = {"task": "colour", "objects": [{"colour": "red", "shape": "circle", "box": [0, 0, 10, 10]}]}
     assert describe(record) == [object_caption("red", "circle")] == ["a red circle"]
+    record.update(id="train/colour/000007", conversations=[{"from": "human", "value": "<image>\nWhat colour?"}])
+    question = captioned_question(record)
+    assert re.fullmatch(r"<img>~*a red circle~*</img>\nWhat colour\?", question) and question.count("~") == 3
+    assert captioned_question(record) == question  # the same record gets the same padding every time
 
 
 def test_warmup_meta_lists_world_text_and_drills(tmp_path):
@@ -68,6 +88,6 @@ def test_warmup_meta_lists_world_text_and_drills(tmp_path):
         lines = Path(entry["annotation"]).read_text(encoding="utf-8").splitlines()
         assert len(lines) == entry["length"]
     world_lines = Path(meta["world_text"]["annotation"]).read_text(encoding="utf-8").splitlines()
-    assert all("<image>" not in line for line in world_lines) and any("<img>a " in line for line in world_lines)
+    assert all("<image>" not in line for line in world_lines) and any(re.search("<img>~*a ", ln) for ln in world_lines)
     only_world = json.loads(write_warmup_data(world, tmp_path / "data2").read_text())
     assert set(only_world) == {"world_text"}
