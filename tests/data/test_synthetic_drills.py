@@ -91,3 +91,22 @@ def test_warmup_meta_lists_world_text_and_drills(tmp_path):
     assert all("<image>" not in line for line in world_lines) and any(re.search("<img>~*a ", ln) for ln in world_lines)
     only_world = json.loads(write_warmup_data(world, tmp_path / "data2").read_text())
     assert set(only_world) == {"world_text"}
+
+
+def test_a_filler_stays_one_token_of_its_own_in_the_demo_tokenizer(tmp_path):
+    """The demo's BPE is trained on the world's text, where no filler occurs, so no merge holds one: the words
+    move by whole tokens, which is the padding's point. (Trained on padded captions, BPE merges ``~~``.)"""
+    from ivl.data.synthetic import generate_world
+    from ivl.demo import tokenizer_corpus
+    from ivl.processing.tokenizer import build_tokenizer
+
+    world = tmp_path / "world"
+    generate_world(world, seed=0, n_train=6, n_val=0, n_test=1, overwrite=True)
+    corpus = tokenizer_corpus(world, 48)
+    assert not any(CAPTION_FILLER in text for text in corpus)
+    tokenizer = build_tokenizer(corpus, vocab_size=1024)
+    plain = tokenizer.tokenize("<img>a red circle</img>")
+    for before in range(4):
+        padded = "<img>" + CAPTION_FILLER * before + "a red circle" + CAPTION_FILLER * (3 - before) + "</img>"
+        tokens = tokenizer.tokenize(padded)
+        assert tokens.count(CAPTION_FILLER) == 3 and [t for t in tokens if t != CAPTION_FILLER] == plain

@@ -22,7 +22,8 @@ def object_caption(colour: str, shape: str) -> str:
     return f"a {colour} {shape}"
 
 
-#: what pads a caption: one token of its own in the demo's BPE, never merged with its neighbours or a word
+#: what pads a caption: one token of its own in the demo's BPE (trained on the world's text, where it never
+#: occurs, so no merge holds it; BPE trained on padded captions would merge ``~~``)
 CAPTION_FILLER = "~"
 #: tokens an image takes in the demo (one 56 px tile, 4 x 4 pixel unshuffle): the caption's slack
 IMAGE_TOKENS = 4
