@@ -48,6 +48,8 @@ def test_padded_caption_moves_the_words_within_the_image_slots():
     assert {len(p) - len(p.lstrip(CAPTION_FILLER)) for p in padded} == {0, 1, 2, 3}  # every offset occurs
     assert padded_caption("x", random.Random(0), slots=1) == "x"
     assert [padded_caption("x", random.Random(5)) for _ in range(3)] == [padded_caption("x", random.Random(5))] * 3
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        padded_caption("a red circle", rng, slots=0)
 
 
 def test_every_drill_caption_is_padded():
@@ -71,7 +73,7 @@ def test_caption_is_what_the_warm_up_describes_an_image_with():
     assert describe(record) == [object_caption("red", "circle")] == ["a red circle"]
     record.update(id="train/colour/000007", conversations=[{"from": "human", "value": "<image>\nWhat colour?"}])
     question = captioned_question(record)
-    assert re.fullmatch(r"<img>~*a red circle~*</img>\nWhat colour\?", question) and question.count("~") == 3
+    assert re.fullmatch(r"<img>~*a red circle~*</img>\nWhat colour\?", question) and question.count(CAPTION_FILLER) == 3
     assert captioned_question(record) == question  # the same record gets the same padding every time
 
 
