@@ -37,7 +37,7 @@ def padded_caption(caption: str, rng: random.Random, slots: int = IMAGE_TOKENS) 
     colour answers fell from 1.00 to 0.45) and no image token can say it there. Moving the words around makes
     the LLM find them by what they are."""
     if slots < 1:
-        raise ValueError(f"padded_caption: slots must be >= 1 (the image's tokens), got {slots} for {caption!r}")
+        raise ConfigError(f"padded_caption: slots must be >= 1 (the image's tokens), got {slots} for {caption!r}")
     before = rng.randrange(slots)
     return CAPTION_FILLER * before + caption + CAPTION_FILLER * (slots - 1 - before)
 
